@@ -1,0 +1,130 @@
+"""The expensive half of a merge: stream tensors through the method, to disk or into memory.
+
+Per-tensor methods run one output tensor at a time: read that tensor from each input, merge in
+float32 on the chosen device, cast to the output dtype, hand it to a sink (the shard writer or a
+state dict) and drop it. Peak memory is therefore about one tensor per input model, whatever the
+model size. Random methods draw from a generator seeded by (seed, tensor name), so results do not
+depend on the order or the subset of tensors merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.checkpoint import ShardedWriter
+from harness.config import MergeConfig
+from harness.errors import CheckpointError, ConfigError, MethodError
+from harness.models import build_model
+from harness.plan import MergePlan, TensorTask, build_plan
+from harness.progress import progress_bar
+from harness.results import Coefficient
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class MergeOutcome:
+    """What a merge produced: a state dict (in memory) or a directory (on disk), and its cost."""
+
+    state: dict[str, torch.Tensor] | None
+    out_dir: Path | None
+    seconds: float
+    tensors: int
+    coefficients: list[Coefficient] = field(default_factory=list)
+
+
+def tensor_generator(seed: int, name: str, device: str = "cpu") -> torch.Generator:
+    """A generator seeded by the tensor's name: same name and seed, same random draws."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return generator
+
+
+def merge_tensor(plan: MergePlan, task: TensorTask, device: str = "cpu") -> torch.Tensor:
+    """Merge one output tensor; bad inputs and bad outputs are named with the tensor."""
+    name = task.info.name
+    reference = plan.base or plan.models[0]
+    if task.params is None:  # integer buffers and the like pass through unchanged
+        return reference.read(name)
+    base = _read_checked(plan.base, name, device) if plan.base else None
+    tensors = [_read_checked(model, name, device) for model in plan.models]
+    generator = tensor_generator(plan.config.seed, name, device)
+    try:
+        merged = plan.method.merge_tensor(base, tensors, task.model_params, task.params, generator)
+    except (ValueError, RuntimeError) as exc:
+        raise MethodError(f"{plan.method.name} failed on tensor {name!r}: {exc}") from exc
+    if not torch.isfinite(merged).all():
+        raise MethodError(f"{plan.method.name} produced NaN/inf in tensor {name!r}")
+    return merged.to(task.info.dtype)
+
+
+def _read_checked(checkpoint, name: str, device: str) -> torch.Tensor:
+    tensor = checkpoint.read(name).to(device)
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{checkpoint.tensors[name].file}: tensor {name!r} contains NaN or inf")
+    return tensor
+
+
+def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    with progress_bar(len(plan.tasks), f"merging ({plan.method.name})", show_progress) as advance:
+        for task in plan.tasks:
+            yield task.info.name, merge_tensor(plan, task, device)
+            advance()
+
+
+def _streaming_plan(config: MergeConfig) -> MergePlan:
+    plan = build_plan(config)
+    if not plan.method.streaming:
+        raise ConfigError(
+            f"merge_method: {plan.method.name!r} needs calibration data; run it from an experiment"
+        )
+    return plan
+
+
+def merge_to_disk(
+    config: MergeConfig,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    show_progress: bool = True,
+) -> MergeOutcome:
+    """Merge into a HF model directory; nothing is left at `out_dir` unless the merge finished."""
+    start = time.perf_counter()
+    plan = _streaming_plan(config)
+    writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
+    try:
+        for name, tensor in iter_merged(plan, config.device, show_progress):
+            writer.write(name, tensor)
+        writer.commit(plan.sidecar_source, plan.out_config)
+    except BaseException:
+        writer.abort()
+        raise
+    return MergeOutcome(None, Path(out_dir), time.perf_counter() - start, len(plan.tasks))
+
+
+def merge_state_dict(config: MergeConfig, *, show_progress: bool = False) -> MergeOutcome:
+    """Merge into memory: a {name: tensor} state dict, with no disk round trip."""
+    start = time.perf_counter()
+    plan = _streaming_plan(config)
+    state = dict(iter_merged(plan, config.device, show_progress))
+    return MergeOutcome(state, None, time.perf_counter() - start, len(plan.tasks))
+
+
+def merge_model(config: MergeConfig, *, show_progress: bool = False) -> tuple[object, Path]:
+    """Merge into a loaded transformers model, ready for lm-eval without a disk round trip.
+
+    Returns the model and the directory its tokenizer files come from (`tokenizer_source`,
+    else the base model).
+    """
+    plan = _streaming_plan(config)
+    state = dict(iter_merged(plan, config.device, show_progress))
+    return build_model(plan.out_config, state), plan.sidecar_source
+

@@ -1,0 +1,16 @@
+"""Merge methods, one module per family. `register_builtins` is the one list of built-ins.
+
+Third-party packages publish a `register(registry)` function under the entry point group
+`merge_harness.methods` and call `registry.register(name, MergeMethod(...))`, exactly as below.
+"""
+
+from __future__ import annotations
+
+from harness.registry import Registry
+from merges import linear, model_stock, slerp, task_arithmetic
+from merges.base import MergeMethod
+
+
+def register_builtins(registry: Registry[MergeMethod]) -> None:
+    for method in (linear.METHOD, *task_arithmetic.METHODS, slerp.METHOD, model_stock.METHOD):
+        registry.register(method.name, method)

@@ -1,0 +1,193 @@
+"""Task arithmetic and its sparsified / sign-consensus variants: TIES, DARE, Breadcrumbs, DELLA.
+
+All are one routine (as in mergekit's generalized task arithmetic), configured by a sparsifier
+and an optional sign consensus:
+
+    tau_t   = theta_t - theta_0                                  (task vectors)
+    tau_t'  = sparsify(tau_t)                                    (none | top-k | DARE | ...)
+    m       = elect_sign(w_t * tau_t')   if consensus else 1     (TIES sign election)
+    delta   = sum_t m_t w_t tau_t' / (sum_t m_t w_t  if normalize else 1)
+    theta   = theta_0 + lambda * delta
+
+Papers: Task Arithmetic (Ilharco et al., 2023, arXiv:2212.04089); TIES (Yadav et al., 2023,
+arXiv:2306.01708); DARE (Yu et al., 2024, arXiv:2311.03099); Model Breadcrumbs (Davari & Belilovsky,
+2024, arXiv:2312.06795); DELLA (Deep et al., 2024, arXiv:2406.11617).
+Symbols -> parameters: lambda -> `lambda`, w_t -> `weight`, keep fraction -> `density`, the
+Breadcrumbs outlier fraction -> `gamma`, DELLA's probability spread -> `epsilon`.
+Deviation: DARE's rescale defaults to the paper's 1/density; configs in mergekit's format default
+to mergekit's L1-norm-preserving rescale (`rescale_norm: l1`), which equals 1/density in expectation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from merges.base import MergeMethod, Params
+from merges.sparsify import (
+    RescaleNorm,
+    rescale,
+    sparsify_magnitude,
+    sparsify_magprune,
+    sparsify_outliers,
+    sparsify_random,
+)
+from merges.task_vectors import broadcast_weights, disjoint_merge, elect_sign, task_vectors
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+class TaskArithmeticParams(Params):
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    normalize: bool = Field(False, description="divide by the sum of the weights")
+    int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect here")
+
+
+class SparseParams(TaskArithmeticParams):
+    rescale: bool = Field(False, description="scale kept entries back up after dropping")
+    rescale_norm: RescaleNorm = Field("inverse_density", description="l1 | inverse_density")
+
+
+class TiesParams(SparseParams):
+    normalize: bool = True
+
+
+class DareParams(SparseParams):
+    rescale: bool = True
+
+
+class DellaParams(SparseParams):
+    normalize: bool = True
+    rescale: bool = True
+
+
+class DellaLinearParams(SparseParams):
+    rescale: bool = True
+
+
+class WeightParams(Params):
+    weight: float = Field(1.0, description="w_t, this model's weight")
+
+
+class DensityParams(WeightParams):
+    density: float = Field(1.0, gt=0, le=1, description="fraction of tau_t entries kept")
+
+
+class BreadcrumbsParams(DensityParams):
+    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest entries dropped")
+
+    @model_validator(mode="after")
+    def _fits(self) -> BreadcrumbsParams:
+        if self.density + self.gamma > 1:
+            raise ValueError(f"density + gamma must be <= 1, got {self.density} + {self.gamma}")
+        return self
+
+
+class DellaModelParams(DensityParams):
+    epsilon: float = Field(0.15, ge=0, lt=0.5, description="spread of keep-probabilities")
+
+    @model_validator(mode="after")
+    def _fits(self) -> DellaModelParams:
+        if self.density < 1 and not (0 < self.density - self.epsilon < self.density + self.epsilon < 1):
+            raise ValueError(
+                f"density +/- epsilon must lie in (0, 1), got {self.density} +/- {self.epsilon}"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------ the routine
+
+Sparsifier = Callable[[torch.Tensor, DensityParams, torch.Generator], torch.Tensor]
+
+
+def magnitude(tau: torch.Tensor, p: DensityParams, g: torch.Generator) -> torch.Tensor:
+    return sparsify_magnitude(tau, p.density)
+
+
+def random(tau: torch.Tensor, p: DensityParams, g: torch.Generator) -> torch.Tensor:
+    return sparsify_random(tau, p.density, g)
+
+
+def outliers(tau: torch.Tensor, p: BreadcrumbsParams, g: torch.Generator) -> torch.Tensor:
+    return sparsify_outliers(tau, p.density, p.gamma)
+
+
+def magprune(tau: torch.Tensor, p: DellaModelParams, g: torch.Generator) -> torch.Tensor:
+    return sparsify_magprune(tau, p.density, p.epsilon, g)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    sparsifier: Sparsifier | None
+    consensus: Literal["sum", "count"] | None
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    model_params: Sequence[WeightParams],
+    params: TaskArithmeticParams,
+    generator: torch.Generator,
+    *,
+    recipe: Recipe,
+) -> torch.Tensor:
+    assert base is not None
+    deltas = task_vectors(base, tensors)  # (T, *S)
+    if recipe.sparsifier is not None:
+        for index, p in enumerate(model_params):
+            sparse = recipe.sparsifier(deltas[index], p, generator)
+            if params.rescale and p.density < 1:
+                sparse = rescale(sparse, deltas[index], p.density, params.rescale_norm)
+            deltas[index] = sparse
+    weights = broadcast_weights([p.weight for p in model_params], deltas)  # (T, 1, ...)
+    deltas *= weights
+    if recipe.consensus is not None:
+        mask = elect_sign(deltas, recipe.consensus)
+        merged = disjoint_merge(deltas, weights, mask, params.normalize)
+    else:
+        merged = deltas.sum(dim=0)
+        if params.normalize:
+            total = weights.sum()
+            merged /= total if total.abs() >= 1e-8 else 1.0
+    if params.lambda_ != 1:
+        merged *= params.lambda_
+    return base.to(merged.dtype) + merged
+
+
+def _entry(name, description, paper, params, model_params, sparsifier, consensus, random_=False):
+    recipe = Recipe(sparsifier, consensus)
+    return MergeMethod(
+        name=name,
+        description=description,
+        paper=paper,
+        equation="theta_0 + lambda * sum_t m_t w_t sparsify(theta_t - theta_0) [/ sum_t m_t w_t]",
+        params=params,
+        model_params=model_params,
+        random=random_,
+        merge_tensor=partial(generalized_task_arithmetic, recipe=recipe),
+    )
+
+
+METHODS = (
+    _entry("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors",
+           "arXiv:2212.04089", TaskArithmeticParams, WeightParams, None, None),
+    _entry("ties", "trim to top-density magnitudes, elect signs, disjoint mean",
+           "arXiv:2306.01708", TiesParams, DensityParams, magnitude, "sum"),
+    _entry("dare_linear", "random drop (keep prob. density), rescale, weighted sum",
+           "arXiv:2311.03099", DareParams, DensityParams, random, None, True),
+    _entry("dare_ties", "random drop and rescale, then TIES sign election",
+           "arXiv:2311.03099", DareParams, DensityParams, random, "sum", True),
+    _entry("breadcrumbs", "drop the largest gamma and the smallest entries, weighted sum",
+           "arXiv:2312.06795", SparseParams, BreadcrumbsParams, outliers, None),
+    _entry("breadcrumbs_ties", "breadcrumbs sparsification with TIES sign election",
+           "arXiv:2312.06795", SparseParams, BreadcrumbsParams, outliers, "sum"),
+    _entry("della", "magnitude-ranked random drop, rescale, TIES sign election",
+           "arXiv:2406.11617", DellaParams, DellaModelParams, magprune, "sum", True),
+    _entry("della_linear", "magnitude-ranked random drop, rescale, weighted sum",
+           "arXiv:2406.11617", DellaLinearParams, DellaModelParams, magprune, None, True),
+)

@@ -1,0 +1,56 @@
+"""Task vectors and TIES-style sign consensus: the shared pieces of the task-arithmetic family.
+
+Shapes: `base` is (*S); a stack of task vectors is (T, *S) for T fine-tuned models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+
+def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """tau_t = theta_t - theta_0, stacked to (T, *S) in float32 (float64 stays float64)."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    base = base.to(dtype)
+    deltas = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
+    for index, tensor in enumerate(tensors):
+        torch.sub(tensor.to(dtype), base, out=deltas[index])
+    return deltas
+
+
+def broadcast_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-task scalars shaped (T, 1, ..., 1) to multiply a (T, *S) stack."""
+    w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)
+    return w.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def elect_sign(
+    weighted_deltas: torch.Tensor, method: Literal["sum", "count"] = "sum"
+) -> torch.Tensor:
+    """TIES step 2: per entry, the sign with the larger total mass ("sum") or more votes ("count").
+
+    Returns a boolean (T, *S) mask of the entries that agree with the elected sign; zeros never
+    agree, and a tie in mass elects "+" (as in TIES and mergekit).
+    """
+    signs = weighted_deltas.sign()
+    votes = weighted_deltas.sum(dim=0) if method == "sum" else signs.sum(dim=0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(signs.dtype)
+    return signs == elected
+
+
+def disjoint_merge(
+    weighted_deltas: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """TIES step 3: sum the agreeing weighted entries; with `normalize`, divide by their weights.
+
+    Entries where no task agrees stay 0 (the divisor is set to 1 there).
+    """
+    merged = (weighted_deltas * mask).sum(dim=0)
+    if normalize:
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+        merged /= divisor
+    return merged
