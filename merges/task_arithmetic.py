@@ -79,13 +79,9 @@ class DensityParams(WeightParams):
 
 
 class BreadcrumbsParams(DensityParams):
-    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest entries dropped")
+    """`gamma` shrinks when density + gamma > 1 so that `density` is always kept (as mergekit)."""
 
-    @model_validator(mode="after")
-    def _fits(self) -> BreadcrumbsParams:
-        if self.density + self.gamma > 1:
-            raise ValueError(f"density + gamma must be <= 1, got {self.density} + {self.gamma}")
-        return self
+    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest entries dropped")
 
 
 class DellaModelParams(DensityParams):
