@@ -299,9 +299,7 @@ class ShardedWriter:
         return self.out_dir
 
     def _write_index(self) -> None:
-        weight_map = {
-            info.name: name for name, shard in zip(self.names, self.shards) for info in shard
-        }
+        weight_map = {info.name: name for name, shard in zip(self.names, self.shards) for info in shard}
         total = sum(info.nbytes for shard in self.shards for info in shard)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.tmp_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -55,26 +55,50 @@ def parse_size(text: str) -> int:
     return int(number * base ** " KMGT".index(unit or " "))
 
 
-@app.command()
-def methods() -> None:
-    """List the registered merge methods with their parameters and defaults."""
+def describe_params(model) -> str:
+    """'name=default, ...' for a parameter model, in declaration order."""
+    parts = []
+    for name, field in model.model_fields.items():
+        default = "required" if field.is_required() else repr(field.default)
+        parts.append(f"{field.alias or name}={default}")
+    return ", ".join(parts)
+
+
+def methods_markdown() -> str:
+    """The methods table of docs/methods.md, generated from the registry's metadata."""
     from harness.methods import method_registry
-    from merges.base import Params
 
-    table = Table(title="merge methods", show_lines=True)
-    for column in ("method", "kind", "parameters (default)", "per-model parameters", "description"):
-        table.add_column(column)
-
-    def describe(model: type[Params]) -> str:
-        parts = []
-        for name, field in model.model_fields.items():
-            default = "required" if field.is_required() else repr(field.default)
-            parts.append(f"{field.alias or name} ({default})")
-        return "\n".join(parts) or "-"
-
+    lines = [
+        "| method | kind | parameters | per-model parameters | equation | paper |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, method in method_registry().items():
         kind = "per tensor" if method.streaming else "calibrated"
-        table.add_row(name, kind, describe(method.params), describe(method.model_params), method.description)
+        cells = (name, kind, describe_params(method.params), describe_params(method.model_params))
+        lines.append("| " + " | ".join((*cells, f"`{method.equation}`", method.paper)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@app.command()
+def methods(
+    markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown table of docs/methods.md."),
+) -> None:
+    """List the registered merge methods with their parameters and defaults."""
+    from harness.methods import method_registry
+
+    if markdown:
+        typer.echo(methods_markdown(), nl=False)
+        return
+    table = Table(title="merge methods", show_lines=True)
+    table.add_column("method", no_wrap=True, style="bold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("parameters = default  (per model: ...)")
+    table.add_column("description")
+    for name, method in method_registry().items():
+        kind = "per tensor" if method.streaming else "calibrated"
+        per_model = describe_params(method.model_params)
+        text = describe_params(method.params) + (f"  (per model: {per_model})" if per_model else "")
+        table.add_row(name, kind, text or "-", method.description)
     console.print(table)
 
 

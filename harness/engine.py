@@ -37,6 +37,8 @@ class MergeOutcome:
     seconds: float
     tensors: int
     coefficients: list[Coefficient] = field(default_factory=list)
+    model_config: dict = field(default_factory=dict)  # config.json of the merged model
+    tokenizer_dir: Path | None = None  # where its tokenizer files come from
 
 
 def tensor_generator(seed: int, name: str, device: str = "cpu") -> torch.Generator:
@@ -115,7 +117,8 @@ def merge_state_dict(config: MergeConfig, *, show_progress: bool = False) -> Mer
     start = time.perf_counter()
     plan = _streaming_plan(config)
     state = dict(iter_merged(plan, config.device, show_progress))
-    return MergeOutcome(state, None, time.perf_counter() - start, len(plan.tasks))
+    seconds = time.perf_counter() - start
+    return MergeOutcome(state, None, seconds, len(plan.tasks), [], plan.out_config, plan.sidecar_source)
 
 
 def merge_model(config: MergeConfig, *, show_progress: bool = False) -> tuple[object, Path]:
@@ -124,7 +127,5 @@ def merge_model(config: MergeConfig, *, show_progress: bool = False) -> tuple[ob
     Returns the model and the directory its tokenizer files come from (`tokenizer_source`,
     else the base model).
     """
-    plan = _streaming_plan(config)
-    state = dict(iter_merged(plan, config.device, show_progress))
-    return build_model(plan.out_config, state), plan.sidecar_source
-
+    outcome = merge_state_dict(config, show_progress=show_progress)
+    return build_model(outcome.model_config, outcome.state), outcome.tokenizer_dir

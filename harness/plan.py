@@ -95,8 +95,11 @@ def _split_inputs(config: MergeConfig, method: MergeMethod):
     count = len(entries)
     if count < method.min_models or (method.max_models is not None and count > method.max_models):
         wanted = f"{method.min_models}" + (
-            "" if method.max_models == method.min_models else
-            f" to {method.max_models}" if method.max_models else " or more"
+            ""
+            if method.max_models == method.min_models
+            else f" to {method.max_models}"
+            if method.max_models
+            else " or more"
         )
         raise ConfigError(f"models: method {method.name!r} takes {wanted} non-base models, got {count}")
     return base, entries
@@ -216,4 +219,3 @@ class ParamResolver:
 
 def _aliases(model: type[Params]) -> list[str]:
     return [f.alias for f in model.model_fields.values() if f.alias]
-

@@ -14,9 +14,7 @@ import torch
 RescaleNorm = Literal["l1", "inverse_density"]
 
 
-def rescale(
-    masked: torch.Tensor, original: torch.Tensor, density: float, norm: RescaleNorm
-) -> torch.Tensor:
+def rescale(masked: torch.Tensor, original: torch.Tensor, density: float, norm: RescaleNorm) -> torch.Tensor:
     """Scale survivors back up: by 1/density (DARE paper) or to the original L1 norm (mergekit).
 
     The L1 variant equals 1/density in expectation; it is skipped when either norm is ~0.
@@ -48,9 +46,7 @@ def sparsify_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(tensor.abs() >= threshold, tensor, 0.0)
 
 
-def sparsify_random(
-    tensor: torch.Tensor, density: float, generator: torch.Generator
-) -> torch.Tensor:
+def sparsify_random(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE drop: keep each entry independently with probability `density`."""
     if density >= 1:
         return tensor

@@ -90,9 +90,7 @@ class DellaModelParams(DensityParams):
     @model_validator(mode="after")
     def _fits(self) -> DellaModelParams:
         if self.density < 1 and not (0 < self.density - self.epsilon < self.density + self.epsilon < 1):
-            raise ValueError(
-                f"density +/- epsilon must lie in (0, 1), got {self.density} +/- {self.epsilon}"
-            )
+            raise ValueError(f"density +/- epsilon must lie in (0, 1), got {self.density} +/- {self.epsilon}")
         return self
 
 
@@ -170,20 +168,80 @@ def _entry(name, description, paper, params, model_params, sparsifier, consensus
 
 
 METHODS = (
-    _entry("task_arithmetic", "theta_0 + lambda * sum of weighted task vectors",
-           "arXiv:2212.04089", TaskArithmeticParams, WeightParams, None, None),
-    _entry("ties", "trim to top-density magnitudes, elect signs, disjoint mean",
-           "arXiv:2306.01708", TiesParams, DensityParams, magnitude, "sum"),
-    _entry("dare_linear", "random drop (keep prob. density), rescale, weighted sum",
-           "arXiv:2311.03099", DareParams, DensityParams, random, None, True),
-    _entry("dare_ties", "random drop and rescale, then TIES sign election",
-           "arXiv:2311.03099", DareParams, DensityParams, random, "sum", True),
-    _entry("breadcrumbs", "drop the largest gamma and the smallest entries, weighted sum",
-           "arXiv:2312.06795", SparseParams, BreadcrumbsParams, outliers, None),
-    _entry("breadcrumbs_ties", "breadcrumbs sparsification with TIES sign election",
-           "arXiv:2312.06795", SparseParams, BreadcrumbsParams, outliers, "sum"),
-    _entry("della", "magnitude-ranked random drop, rescale, TIES sign election",
-           "arXiv:2406.11617", DellaParams, DellaModelParams, magprune, "sum", True),
-    _entry("della_linear", "magnitude-ranked random drop, rescale, weighted sum",
-           "arXiv:2406.11617", DellaLinearParams, DellaModelParams, magprune, None, True),
+    _entry(
+        "task_arithmetic",
+        "theta_0 + lambda * sum of weighted task vectors",
+        "arXiv:2212.04089",
+        TaskArithmeticParams,
+        WeightParams,
+        None,
+        None,
+    ),
+    _entry(
+        "ties",
+        "trim to top-density magnitudes, elect signs, disjoint mean",
+        "arXiv:2306.01708",
+        TiesParams,
+        DensityParams,
+        magnitude,
+        "sum",
+    ),
+    _entry(
+        "dare_linear",
+        "random drop (keep prob. density), rescale, weighted sum",
+        "arXiv:2311.03099",
+        DareParams,
+        DensityParams,
+        random,
+        None,
+        True,
+    ),
+    _entry(
+        "dare_ties",
+        "random drop and rescale, then TIES sign election",
+        "arXiv:2311.03099",
+        DareParams,
+        DensityParams,
+        random,
+        "sum",
+        True,
+    ),
+    _entry(
+        "breadcrumbs",
+        "drop the largest gamma and the smallest entries, weighted sum",
+        "arXiv:2312.06795",
+        SparseParams,
+        BreadcrumbsParams,
+        outliers,
+        None,
+    ),
+    _entry(
+        "breadcrumbs_ties",
+        "breadcrumbs sparsification with TIES sign election",
+        "arXiv:2312.06795",
+        SparseParams,
+        BreadcrumbsParams,
+        outliers,
+        "sum",
+    ),
+    _entry(
+        "della",
+        "magnitude-ranked random drop, rescale, TIES sign election",
+        "arXiv:2406.11617",
+        DellaParams,
+        DellaModelParams,
+        magprune,
+        "sum",
+        True,
+    ),
+    _entry(
+        "della_linear",
+        "magnitude-ranked random drop, rescale, weighted sum",
+        "arXiv:2406.11617",
+        DellaLinearParams,
+        DellaModelParams,
+        magprune,
+        None,
+        True,
+    ),
 )

@@ -27,9 +27,7 @@ def broadcast_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Ten
     return w.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def elect_sign(
-    weighted_deltas: torch.Tensor, method: Literal["sum", "count"] = "sum"
-) -> torch.Tensor:
+def elect_sign(weighted_deltas: torch.Tensor, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
     """TIES step 2: per entry, the sign with the larger total mass ("sum") or more votes ("count").
 
     Returns a boolean (T, *S) mask of the entries that agree with the elected sign; zeros never

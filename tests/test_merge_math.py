@@ -182,8 +182,14 @@ def test_breadcrumbs_and_della_reduce_to_task_arithmetic_at_full_density():
 # ----------------------------------------------------------------------------------- properties
 
 PER_TENSOR_TA_FAMILY = [
-    "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
 ]
 
 

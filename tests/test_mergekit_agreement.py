@@ -29,10 +29,7 @@ CASES = {
     "ties": ({}, [{"weight": w, "density": 0.5} for w in WEIGHTS]),
     "ties_filtered": (
         {"lambda": 1.2},
-        [
-            {"weight": w, "density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]}
-            for w in WEIGHTS
-        ],
+        [{"weight": w, "density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]} for w in WEIGHTS],
     ),
     "ties_rescaled": ({"rescale": True, "normalize": False}, [{"weight": 1.0, "density": 0.4}] * 3),
     "dare_linear": ({}, [{"weight": w, "density": 1.0} for w in WEIGHTS]),
