@@ -127,3 +127,101 @@ def merge(
         f"merged {outcome.tensors} tensors with [bold]{merge_config.method}[/] in "
         f"{outcome.seconds:.1f} s -> {outcome.out_dir}"
     )
+
+
+def open_store(path: str | None):
+    from harness.store import DEFAULT_STORE_PATH, ResultStore
+
+    return ResultStore(path or DEFAULT_STORE_PATH)
+
+
+def print_frame(frame, title: str) -> None:
+    """A results DataFrame as a rich table (rows = models, columns = task metrics)."""
+    table = Table(title=title)
+    table.add_column("model", style="bold")
+    for column in frame.columns:
+        table.add_column(str(column), justify="right")
+    for label, row in frame.iterrows():
+        table.add_row(str(label), *("-" if v != v else f"{v:.4g}" for v in row))
+    console.print(table)
+
+
+def dry_run_listing(experiment, store) -> None:
+    """Validate an experiment and list its jobs; weights absent here are validated by reference."""
+    from harness.errors import CheckpointError
+    from harness.experiment import plan_jobs
+
+    try:
+        jobs, identified = plan_jobs(experiment, store), True
+    except CheckpointError as exc:
+        console.print(f"[yellow]weights not available here ({exc}); validating the config only[/]")
+        jobs, identified = plan_jobs(experiment, store, identify=False), False
+    for job in jobs:
+        done = sum(store.has_result(t.key) for t in job.tasks) if identified else 0
+        console.print(f"{job.kind:8} {job.label}: {len(job.tasks)} tasks ({done} finished)")
+    console.print(f"{experiment.name}: valid; {sum(len(j.tasks) for j in jobs)} jobs in {len(jobs)} models")
+
+
+@app.command()
+def run(
+    experiment_file: Path = typer.Argument(..., help="Experiment YAML."),
+    store_path: str = typer.Option(None, "--store", help="SQLite result store (default from the YAML)."),
+    executor: str = typer.Option("local", "--executor", help="local or ray."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the jobs; run nothing."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run every (model, task) job of an experiment; finished jobs are reused, never recomputed."""
+    from harness.experiment import load_experiment
+    from harness.runner import make_executor, run_experiment, summary_frame
+
+    experiment = load_experiment(experiment_file)
+    chosen = make_executor(executor, address)
+    with open_store(store_path or experiment.store) as store:
+        if dry_run:
+            dry_run_listing(experiment, store)
+            return
+        summary = run_experiment(experiment, store, chosen, show_progress=not quiet)
+        frame = summary_frame(store, experiment.name, summary.labels)
+    if not frame.empty:
+        print_frame(frame, f"{experiment.name} ({store.path})")
+    console.print(
+        f"{summary.total} jobs: {summary.reused} reused, {summary.computed} computed, "
+        f"{len(summary.failed)} failed in {summary.seconds:.1f} s"
+    )
+    for label, task, error in summary.failed:
+        err_console.print(f"[red]failed[/] {label} / {task}: {error}", highlight=False)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_model(
+    model: str = typer.Argument(..., help="A HF model id or a local model directory."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated task names."),
+    limit: int = typer.Option(None, "--limit", help="Examples per task."),
+    num_fewshot: int = typer.Option(None, "--num-fewshot"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    store_path: str = typer.Option(None, "--store", help="SQLite result store."),
+) -> None:
+    """Evaluate one model on some tasks and store the result (reused when already there)."""
+    from harness.evaluation import EvalSettings
+    from harness.experiment import single_model_job
+    from harness.runner import run_model_job
+
+    settings = EvalSettings(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    with open_store(store_path) as store:
+        job = single_model_job(model, names, settings, store)
+        pending = [t for t in job.tasks if not store.has_result(t.key)]
+        for task in pending:
+            store.mark_started(task.key, "eval", task.spec, label=job.label)
+        if pending:
+            run_model_job(job, pending, "eval", store.record)
+        for task in job.tasks:
+            store.attach(task.key, "eval")
+        results = [store.get_result(t.key) for t in job.tasks]
+    for result in results:
+        for score in result.scores:
+            stderr = f" ± {score.stderr:.4g}" if score.stderr is not None else ""
+            console.print(f"{score.task:28} {score.metric:28} {score.value:.4g}{stderr}")

@@ -32,7 +32,7 @@ Scalar = Union[bool, int, float, str]
 class Condition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
     filter: str | None = None
 
 
@@ -44,9 +44,27 @@ class ModelEntry(BaseModel):
 
     model: str
     parameters: dict[str, Setting] = Field(default_factory=dict)
+    calibration: str | None = None  # this fine-tune's calibration data (JSONL path or task name)
 
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class CalibrationSettings(BaseModel):
+    """How calibration examples become token batches (model-level methods: slta, regmean, fisher).
+
+    How many examples and which seed are method parameters (`num_samples`, `seed`); these are
+    the settings shared by every method. `template`: "plain" (prompt + response as written),
+    "fastchat" (Vicuna v1.1 conversation), "chat" (the tokenizer's chat template) or a format
+    string with `{prompt}` and `{response}`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int = Field(512, ge=2, description="tokens per example (longer ones are cut)")
+    template: str = "plain"
+    batch_size: int = Field(8, ge=1, description="examples per forward chunk")
+    allow_fewer: bool = Field(False, description="use all rows when fewer than num_samples")
 
 
 class MergeConfig(BaseModel):
@@ -63,6 +81,7 @@ class MergeConfig(BaseModel):
     tokenizer_source: str | None = None
     seed: int = 0
     device: str = "cpu"
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     # True for configs in mergekit's own format: defaults then follow mergekit where they differ.
     mergekit_compat: bool = False
 
@@ -164,7 +183,10 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
         candidate = root / ref
         return str(candidate) if candidate.exists() else ref
 
-    models = [entry.model_copy(update={"model": fix(entry.model)}) for entry in config.models]
+    models = [
+        entry.model_copy(update={"model": fix(entry.model), "calibration": fix(entry.calibration)})
+        for entry in config.models
+    ]
     return config.model_copy(
         update={
             "base_model": fix(config.base_model),

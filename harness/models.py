@@ -81,6 +81,16 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
                 setattr(module, attr, value)
 
 
+def load_pretrained(path: str | Path):
+    """A model directory as an eval-mode float32 transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load model: {exc}".splitlines()[0]) from exc
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

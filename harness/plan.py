@@ -82,6 +82,32 @@ def build_plan(config: MergeConfig) -> MergePlan:
     return MergePlan(config, method, base, models, tasks, out_config, sidecars)
 
 
+# Tensor names that exercise the usual parameter filters (attention, MLP, norms, embeddings).
+PROBE_TENSORS = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+)
+
+
+def validate_config(config: MergeConfig) -> MergeMethod:
+    """Check the method, the model count and every parameter without opening a checkpoint.
+
+    Used by `run --dry-run` so that configs for models that are not on this machine (HF ids of
+    7B models, say) can still be validated.
+    """
+    method = get_method(config.method)
+    _, entries = _split_inputs(config, method)
+    resolver = ParamResolver(config, method, [entry.parameters for entry in entries])
+    for name in PROBE_TENSORS:
+        for position in (0.0, 1.0):
+            resolver.resolve(name, position)
+    return method
+
+
 def _split_inputs(config: MergeConfig, method: MergeMethod):
     """Separate the base from the other inputs, following the method's use of a base."""
     entries = list(config.models)

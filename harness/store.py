@@ -227,6 +227,19 @@ class ResultStore:
 
     # -- results -----------------------------------------------------------------------------
 
+    def cached_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
+        """The sha256 recorded for this file, if it has not changed since."""
+        with self._errors("reading file hashes"):
+            row = self._conn.execute(
+                "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
+                (path, size, mtime_ns)).fetchone()
+        return row[0] if row else None
+
+    def save_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        with self._tx("saving a file hash") as conn:
+            conn.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
+                         (path, size, mtime_ns, sha256))
+
     def has_result(self, key: str) -> bool:
         with self._errors(f"looking up job {key}"):
             return self._conn.execute("SELECT 1 FROM jobs WHERE key = ? AND status = 'done'",

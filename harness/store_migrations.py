@@ -93,6 +93,19 @@ CREATE INDEX jobs_by_experiment ON jobs(experiment);
 CREATE INDEX experiment_jobs_by_job ON experiment_jobs(job_key);
 """,
     ),
+    (
+        # Content hashes of model files, so a re-run identifies unchanged models without
+        # re-reading gigabytes: valid while (path, size, mtime) is unchanged.
+        "0003_file_hashes",
+        """
+CREATE TABLE file_hashes (
+    path     TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256   TEXT NOT NULL
+);
+""",
+    ),
 ]
 
 

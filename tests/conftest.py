@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import textwrap  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -66,3 +68,62 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     for index in range(3):
         zoo[f"ft{index}"] = write_llama(root / f"ft{index}", seed=index + 1, base=base_state)
     return zoo
+
+
+@pytest.fixture(scope="session")
+def chat_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama with a real trained tokenizer, and two perturbed 'fine-tunes' of it."""
+    from harness.toymodel import tiny_llama, train_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_zoo")
+    corpus = [f"Question: what is {a} plus {b}? Answer: #### {a + b}" for a in range(30) for b in range(5)]
+    tokenizer = train_tokenizer(corpus, vocab_size=300)
+    base = tiny_llama(tokenizer, hidden_size=32, layers=2, intermediate=64, seed=0)
+    zoo = {}
+    for name, noise in (("base", 0.0), ("math", 0.05), ("qa", 0.05)):
+        model = tiny_llama(tokenizer, hidden_size=32, layers=2, intermediate=64, seed=0)
+        if noise:
+            generator = torch.Generator().manual_seed(len(name))
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.add_(noise * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        zoo[name] = root / name
+    del base
+    return zoo
+
+
+def write_experiment(path: Path, zoo: dict[str, Path], store: Path, methods: str | None = None) -> Path:
+    methods = methods or textwrap.dedent(
+        """\
+          - method: task_arithmetic
+            grid: {lambda: [0.5, 1.0]}
+          - method: ties
+            parameters: {density: 0.5}
+        """
+    )
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            name: runner-test
+            base_model: {zoo["base"]}
+            finetunes:
+              math: {{model: {zoo["math"]}, task: gsm8k_fixture}}
+              qa: {{model: {zoo["qa"]}, task: cosmos_qa_fixture}}
+            methods:
+            """
+        )
+        + textwrap.indent(methods, "")
+        + textwrap.dedent(
+            f"""\
+            tasks: [{", ".join(RUNNER_TASKS)}]
+            evaluation: {{limit: 2, gen_kwargs: {{max_gen_toks: 8}}}}
+            store: {store}
+            """
+        )
+    )
+    return path
+
+
+RUNNER_TASKS = ["gsm8k_fixture", "cosmos_qa_fixture"]

@@ -1,0 +1,309 @@
+"""The one module that talks to lm-evaluation-harness: a loaded model in, `Score`s out.
+
+The model is wrapped in memory (`HFLM(pretrained=model)`), never written to disk. lm-eval's
+response cache is keyed on the request only, not on the model, so it is never used
+(`use_cache=None`): a merged model must not be answered from another model's cache.
+Each task runs in its own `simple_evaluate` call with the seeds set afresh, so a task's numbers
+do not depend on which tasks ran before it, and a failure names the task it happened in.
+
+Metric names: lm-eval reports "metric,filter" (e.g. "exact_match,strict-match", "acc,none").
+A `Score.metric` is that key with a ",none" filter dropped: "acc", "pass@1", "bleu", but
+"exact_match,strict-match" and "exact_match,flexible-extract" where the task defines filters.
+`lmeval_key(metric)` turns it back into lm-eval's key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.errors import EvaluationError, HarnessError
+from harness.results import Score
+from tasks import TASKS_DIR
+
+NO_FILTER = "none"
+
+
+class EvalSettings(BaseModel):
+    """How lm-eval runs; part of every result's key, so two settings never share a result."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int | float | None = Field(None, description="examples per task (<1: a fraction)")
+    num_fewshot: int | None = Field(None, description="override the tasks' few-shot counts")
+    batch_size: int | str = 1
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    gen_kwargs: dict[str, Any] | None = Field(None, description="override generation kwargs")
+    seed: int = 1234
+    log_samples: bool = False
+    device: str = "cpu"
+    bootstrap_iters: int = Field(1000, description="for stderrs lm-eval bootstraps (e.g. BLEU)")
+
+
+@dataclass
+class EvaluationReport:
+    """What one model scored on some tasks, with what it takes to reproduce the numbers."""
+
+    scores: list[Score]
+    versions: dict[str, str]  # "lm_eval", "<task>.version", "<task>.config" (sha256 prefix)
+    seconds: float
+    task_seconds: dict[str, float]
+    samples: list[dict[str, Any]] | None = None  # one record per (task, doc, filter)
+
+    def value(self, task: str, metric: str) -> float:
+        for score in self.scores:
+            if score.task == task and score.metric == metric:
+                return score.value
+        known = sorted({(s.task, s.metric) for s in self.scores})
+        raise EvaluationError(f"no score for {task!r} / {metric!r} (have: {known})")
+
+
+class TaskCatalog:
+    """lm-eval's task index over our YAML folders plus (by default) lm-eval's built-in tasks."""
+
+    def __init__(self, include_paths: Sequence[Path] = (TASKS_DIR,), include_defaults: bool = True):
+        self.include_paths = [Path(p) for p in include_paths]
+        self.include_defaults = include_defaults
+
+    @functools.cached_property
+    def manager(self):
+        from lm_eval.tasks import TaskManager
+
+        return TaskManager(
+            include_path=[str(p) for p in self.include_paths], include_defaults=self.include_defaults
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return self.manager.all_tasks
+
+    def custom_names(self) -> list[str]:
+        """The tasks defined in our folders (not lm-eval's built-ins)."""
+        roots = [p.resolve() for p in self.include_paths]
+        index = self.manager.task_index
+        return sorted(
+            name
+            for name, entry in index.items()
+            if entry.yaml_path and any(root in Path(entry.yaml_path).resolve().parents for root in roots)
+        )
+
+    def check(self, names: Sequence[str]) -> None:
+        """Unknown task names fail before any model work, with close matches suggested."""
+        known = set(self.names)
+        unknown = [name for name in names if name not in known]
+        if not names:
+            raise EvaluationError("no tasks to evaluate")
+        if unknown:
+            raise EvaluationError("; ".join(self._unknown_message(name) for name in unknown))
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self.names, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        ours = ", ".join(self.custom_names())
+        return f"unknown task {name!r}{hint} (harness tasks: {ours}; `lm-eval ls tasks` lists lm-eval's)"
+
+
+@functools.cache
+def default_catalog() -> TaskCatalog:
+    """Indexing lm-eval's ~15k task YAMLs takes seconds: do it once per process."""
+    return TaskCatalog()
+
+
+def task_manager():
+    """The cached lm-eval `TaskManager` that knows lm-eval's tasks and ours."""
+    return default_catalog().manager
+
+
+def check_tasks(names: Sequence[str], catalog: TaskCatalog | None = None) -> None:
+    (catalog or default_catalog()).check(names)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    settings: EvalSettings,
+    catalog: TaskCatalog | None = None,
+) -> EvaluationReport:
+    """Evaluate an in-memory transformers model on lm-eval tasks.
+
+    `tokenizer` is a tokenizer or the directory to load it from (as `merge_model` returns);
+    the model is moved to `settings.device` in place. Unknown tasks fail before any model work.
+    """
+    import lm_eval
+
+    catalog = catalog or default_catalog()
+    catalog.check(tasks)
+    lm = _wrap_model(model, tokenizer, settings)
+    start = time.perf_counter()
+    scores: list[Score] = []
+    versions = {"lm_eval": lm_eval.__version__, **_library_versions()}
+    task_seconds: dict[str, float] = {}
+    samples: list[dict[str, Any]] | None = [] if settings.log_samples else None
+    for name in tasks:
+        task_start = time.perf_counter()
+        results = _run_task(lm, name, settings, catalog)
+        task_seconds[name] = time.perf_counter() - task_start
+        scores += parse_scores(results)
+        versions.update(task_versions(results))
+        if samples is not None:
+            samples += sample_records(results)
+    return EvaluationReport(scores, versions, time.perf_counter() - start, task_seconds, samples)
+
+
+def _wrap_model(model: Any, tokenizer: Any, settings: EvalSettings):
+    from lm_eval.models.huggingface import HFLM
+
+    if isinstance(tokenizer, (str, Path)):
+        from harness.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    model = model.to(settings.device).eval()
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+
+
+def _run_task(lm: Any, name: str, settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=[name],
+            task_manager=catalog.manager,
+            use_cache=None,  # never: lm-eval's cache does not key on the model
+            limit=settings.limit,
+            num_fewshot=settings.num_fewshot,
+            apply_chat_template=settings.apply_chat_template,
+            fewshot_as_multiturn=settings.fewshot_as_multiturn,
+            gen_kwargs=dict(settings.gen_kwargs) if settings.gen_kwargs else None,
+            log_samples=settings.log_samples,
+            bootstrap_iters=settings.bootstrap_iters,
+            random_seed=settings.seed,
+            numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed,
+        )
+    except HarnessError as exc:
+        raise EvaluationError(f"task {name!r}: {exc}") from exc
+    except ConnectionError as exc:  # datasets' answer to a data set missing from the HF cache
+        fixture = f"{name}_fixture"
+        hint = f", or run {fixture!r} on its offline fixture" if fixture in catalog.names else ""
+        raise EvaluationError(
+            f"task {name!r}: its data set cannot be loaded ({_first_line(exc)}); "
+            f"download it into the HF cache while online{hint}"
+        ) from exc
+    except Exception as exc:
+        raise EvaluationError(
+            f"task {name!r}: lm-eval failed: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+    if not results or not results.get("results"):
+        raise EvaluationError(f"task {name!r}: lm-eval returned no results")
+    return results
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def metric_name(lmeval_key: str) -> str:
+    """'acc,none' -> 'acc'; 'exact_match,strict-match' stays as it is."""
+    metric, _, filter_name = lmeval_key.partition(",")
+    return metric if filter_name in ("", NO_FILTER) else lmeval_key
+
+
+def lmeval_key(metric: str) -> str:
+    """The inverse of `metric_name`."""
+    return metric if "," in metric else f"{metric},{NO_FILTER}"
+
+
+def parse_scores(results: Mapping[str, Any]) -> list[Score]:
+    """Every metric of every task in an lm-eval results dict; stderr None where lm-eval has none."""
+    scores = []
+    for task, metrics in results["results"].items():
+        count = results.get("n-samples", {}).get(task, {}).get("effective")
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            # metrics are "metric,filter"; "alias" and "sample_len" are bookkeeping, not metrics
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+            scores.append(Score(task, metric_name(key), float(value), stderr, count))
+    return scores
+
+
+def task_versions(results: Mapping[str, Any]) -> dict[str, str]:
+    """Each task's declared version and a hash of its full config (prompts, metrics, code)."""
+    versions = {}
+    for task, config in results.get("configs", {}).items():
+        versions[f"{task}.version"] = str(results.get("versions", {}).get(task))
+        versions[f"{task}.config"] = config_hash(config)
+    return versions
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of the config lm-eval ran (functions as their source), minus where it was read from."""
+    config = dict(config)
+    metadata = {k: v for k, v in (config.pop("metadata", None) or {}).items() if k != "config_source"}
+    payload = json.dumps({**config, "metadata": metadata}, sort_keys=True, default=_stable_repr)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _stable_repr(value: Any) -> str:
+    qualname = getattr(value, "__qualname__", None)  # a callable lm-eval did not serialise
+    return f"{getattr(value, '__module__', '')}.{qualname}" if qualname else str(value)
+
+
+def _library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def sample_records(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """lm-eval's per-sample log, flattened and made JSON-safe for the store."""
+    records = []
+    for task, samples in (results.get("samples") or {}).items():
+        for sample in samples:
+            records.append(
+                {
+                    "task": task,
+                    "doc_id": sample["doc_id"],
+                    "filter": sample["filter"],
+                    "prompt": _json_safe(sample["arguments"][0][0]),
+                    "target": _json_safe(sample["target"]),
+                    "responses": _json_safe(sample["resps"]),
+                    "filtered": _json_safe(sample["filtered_resps"]),
+                    "metrics": {m: _json_safe(sample.get(m)) for m in sample["metrics"]},
+                }
+            )
+    return records
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):  # numpy's float64 is a float subclass: make it a plain float
+        return float(value)
+    if hasattr(value, "item"):  # other numpy / torch scalars
+        return value.item()
+    return str(value)

@@ -1,0 +1,305 @@
+"""Experiments: a YAML naming models, methods with parameter grids, and tasks -> a list of jobs.
+
+    name: demo
+    base_model: ./zoo/base
+    finetunes:                      # name -> model (+ the task it was tuned for, its calibration data)
+      math: {model: ./zoo/math, task: gsm8k_fixture, calibration: ./zoo/math_train.jsonl}
+      code: {model: ./zoo/code, task: humaneval_sandboxed_fixture}
+    methods:
+      - method: task_arithmetic
+        grid: {lambda: [0.3, 0.5, 1.0]}      # one merge per value (cartesian product over keys)
+      - method: ties
+        parameters: {density: 0.5}
+    tasks: [gsm8k_fixture, {name: ropes_fixture, limit: 20}]
+    evaluation: {batch_size: 4, limit: 50}
+
+Each (model, task) pair is a job whose key is the content hash of everything that determines its
+result (model file hashes or HF revision, method + parameters, calibration data, task + eval
+settings, lm-eval and harness versions), so a finished job is never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import harness
+from harness.config import MergeConfig, Scalar, Setting, load_yaml, parse_config
+from harness.errors import ConfigError
+from harness.evaluation import EvalSettings
+from harness.models import resolve_model
+from harness.store import ResultStore, content_key
+
+STRICT = ConfigDict(extra="forbid")
+
+
+class Finetune(BaseModel):
+    model_config = STRICT
+
+    model: str
+    task: str | None = None  # the task it was fine-tuned for (reports normalise by it)
+    calibration: str | None = None  # JSONL file or task name for data-driven methods
+
+
+class MethodRun(BaseModel):
+    model_config = STRICT
+
+    method: str
+    label: str | None = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    grid: dict[str, list[Scalar]] = Field(default_factory=dict)
+    model_parameters: dict[str, dict[str, Setting]] = Field(default_factory=dict)  # per fine-tune
+    dtype: str | None = None
+
+
+class TaskRun(BaseModel):
+    model_config = STRICT
+
+    name: str
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+
+
+class Experiment(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(min_length=1)
+    base_model: str
+    finetunes: dict[str, Finetune] = Field(min_length=1)
+    methods: list[MethodRun] = Field(default_factory=list)
+    tasks: list[str | TaskRun] = Field(min_length=1)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    baselines: bool = True  # evaluate the base and each fine-tune too (rows of the paper tables)
+    seed: int = 0
+    device: str = "cpu"
+    store: str | None = None
+
+    @model_validator(mode="after")
+    def _known_finetunes(self) -> Experiment:
+        for index, run in enumerate(self.methods):
+            unknown = sorted(set(run.model_parameters) - set(self.finetunes))
+            if unknown:
+                raise ValueError(f"methods[{index}].model_parameters names unknown fine-tunes {unknown}")
+        return self
+
+    def task_runs(self) -> list[TaskRun]:
+        return [TaskRun(name=t) if isinstance(t, str) else t for t in self.tasks]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    data, lines = load_yaml(Path(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an experiment must be a YAML mapping")
+    experiment = parse_config(Experiment, data, str(path), lines)
+    return _relative_to(experiment, Path(path).parent)
+
+
+def _relative_to(experiment: Experiment, root: Path) -> Experiment:
+    """Paths in an experiment file are relative to that file."""
+
+    def fix(ref: str | None) -> str | None:
+        if ref is None or Path(ref).is_absolute() or not (root / ref).exists():
+            return ref
+        return str(root / ref)
+
+    finetunes = {
+        name: ft.model_copy(update={"model": fix(ft.model), "calibration": fix(ft.calibration)})
+        for name, ft in experiment.finetunes.items()
+    }
+    return experiment.model_copy(update={"base_model": fix(experiment.base_model), "finetunes": finetunes})
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+
+@dataclass
+class TaskJob:
+    key: str
+    task: str
+    settings: EvalSettings
+    spec: dict[str, Any]
+
+
+@dataclass
+class ModelJob:
+    """One model to build (load or merge) and the tasks to evaluate it on."""
+
+    label: str
+    kind: str  # "base" | "finetune" | "merge"
+    model_ref: str | None  # for base / fine-tunes
+    merge: MergeConfig | None  # for merges
+    identity: dict[str, Any]
+    tasks: list[TaskJob] = field(default_factory=list)
+
+
+def file_sha256(path: Path, store: ResultStore | None) -> str:
+    stat = path.stat()
+    if store is not None and (
+        cached := store.cached_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    ):
+        return cached
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(16 * 1024 * 1024):
+            digest.update(chunk)
+    if store is not None:
+        store.save_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def model_identity(ref: str, store: ResultStore | None) -> dict[str, Any]:
+    """What identifies a model's weights: the hashes of its weight and config files."""
+    path = resolve_model(ref)
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+    files = [p for p in files if p.name not in {"trainer_state.json"}]
+    return {"files": {p.name: file_sha256(p, store) for p in files}}
+
+
+def calibration_identity(ref: str | None, store: ResultStore | None) -> str | None:
+    if ref is None or not Path(ref).is_file():
+        return ref  # a task name (its version is part of lm-eval's) or nothing
+    return file_sha256(Path(ref), store)
+
+
+def method_configs(experiment: Experiment) -> list[tuple[str, MergeConfig]]:
+    """Expand every method's grid into (label, MergeConfig) pairs; labels must be unique."""
+    out: list[tuple[str, MergeConfig]] = []
+    seen: dict[str, int] = {}
+    for index, run in enumerate(experiment.methods):
+        keys = sorted(run.grid)
+        for values in itertools.product(*(run.grid[k] for k in keys)) if keys else [()]:
+            point = dict(zip(keys, values))
+            label = run.label or run.method
+            if point:
+                label += " (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")"
+            if label in seen:
+                raise ConfigError(
+                    f"methods[{index}]: duplicate job spec {label!r} (same as methods[{seen[label]}]); "
+                    "give one of them a different `label` or parameters"
+                )
+            seen[label] = index
+            out.append((label, _merge_config(experiment, run, point)))
+    return out
+
+
+def _merge_config(experiment: Experiment, run: MethodRun, point: dict[str, Scalar]) -> MergeConfig:
+    models = [
+        {
+            "model": ft.model,
+            "parameters": run.model_parameters.get(name, {}),
+            **({"calibration": ft.calibration} if ft.calibration else {}),
+        }
+        for name, ft in experiment.finetunes.items()
+    ]
+    data = {
+        "method": run.method,
+        "base_model": experiment.base_model,
+        "models": models,
+        "parameters": {**run.parameters, **point},
+        "seed": experiment.seed,
+        "device": experiment.device,
+        **({"out_dtype": run.dtype} if run.dtype else {}),
+    }
+    try:
+        return MergeConfig.model_validate(data)
+    except Exception as exc:
+        raise ConfigError(f"methods: {run.method}: {exc}".splitlines()[0]) from exc
+
+
+def plan_jobs(
+    experiment: Experiment, store: ResultStore | None = None, identify: bool = True
+) -> list[ModelJob]:
+    """Every (model, task) job of the experiment, with content-hash keys.
+
+    With `identify=False` models are identified by their reference only (no file is read): for
+    validating experiments whose weights are not on this machine; such keys are not stored.
+    """
+    from harness.evaluation import check_tasks
+    from harness.plan import validate_config
+
+    check_tasks([t.name for t in experiment.task_runs()])
+    identities: dict[str, dict[str, Any]] = {}
+
+    def identity(ref: str) -> dict[str, Any]:
+        if ref not in identities:
+            identities[ref] = model_identity(ref, store) if identify else {"reference": ref}
+        return identities[ref]
+
+    jobs: list[ModelJob] = []
+    if experiment.baselines:
+        jobs.append(
+            ModelJob("pre-trained", "base", experiment.base_model, None, identity(experiment.base_model))
+        )
+        for name, ft in experiment.finetunes.items():
+            jobs.append(ModelJob(name, "finetune", ft.model, None, identity(ft.model)))
+    for label, merge in method_configs(experiment):
+        validate_config(merge)
+        merge_identity = {
+            "method": merge.method,
+            "parameters": _plain(merge.parameters),
+            "base": identity(merge.base_model),
+            "models": [
+                {
+                    "weights": identity(entry.model),
+                    "parameters": _plain(entry.parameters),
+                    "calibration": calibration_identity(entry.calibration, store)
+                    if identify
+                    else entry.calibration,
+                }
+                for entry in merge.models
+            ],
+            "seed": merge.seed,
+            "dtype": merge.output_dtype,
+        }
+        jobs.append(ModelJob(label, "merge", None, merge, merge_identity))
+    for job in jobs:
+        attach_tasks(job, experiment.task_runs(), experiment.evaluation)
+    return jobs
+
+
+def attach_tasks(job: ModelJob, task_runs: list[TaskRun], evaluation: EvalSettings) -> None:
+    """Add one keyed TaskJob per task to a model job."""
+    versions = {"harness": harness.__version__, "lm_eval": version("lm_eval")}
+    for task in task_runs:
+        overrides = {"limit": task.limit, "num_fewshot": task.num_fewshot}
+        settings = evaluation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        spec = {
+            "label": job.label,
+            "kind": job.kind,
+            "model": job.identity,
+            "task": task.name,
+            "evaluation": settings.model_dump(mode="json"),
+            "versions": versions,
+        }
+        if job.merge is not None:
+            spec["merge"] = {"method": job.merge.method, "parameters": _plain(job.merge.parameters)}
+        job.tasks.append(TaskJob(content_key(spec), task.name, settings, spec))
+
+
+def single_model_job(
+    ref: str, tasks: list[str], evaluation: EvalSettings, store: ResultStore | None
+) -> ModelJob:
+    """The job of `merge-harness eval MODEL`: one model (HF id or directory), several tasks."""
+    from harness.evaluation import check_tasks
+
+    check_tasks(tasks)
+    job = ModelJob(ref, "model", ref, None, model_identity(ref, store))
+    attach_tasks(job, [TaskRun(name=t) for t in tasks], evaluation)
+    return job
+
+
+def _plain(value: Any) -> Any:
+    """Settings (pydantic conditions, nested lists) as plain JSON-able data."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,64 @@
+"""The Ray executor on a local Ray instance: same results as local, retries, one record per job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.experiment import load_experiment
+from harness.runner import LocalExecutor, run_experiment
+from harness.store import ResultStore
+from tests.conftest import write_experiment
+
+ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
+
+from harness.ray_executor import RayExecutor, run_remotely  # noqa: E402
+
+CRASH_MARKER = "MERGE_HARNESS_TEST_CRASH_MARKER"
+
+
+def crash_first_attempt(job, pending, experiment):
+    """Kill the worker process the first time any job runs (as an OOM kill would)."""
+    marker = Path(os.environ[CRASH_MARKER])
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)
+    return run_remotely(job, pending, experiment)
+
+
+class CrashingRayExecutor(RayExecutor):
+    job_function = staticmethod(crash_first_attempt)
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    marker = tmp_path_factory.mktemp("ray") / "crashed"
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {CRASH_MARKER: str(marker)}})
+    yield marker
+    ray.shutdown()
+
+
+def scores(store: ResultStore, experiment: str) -> dict[tuple, float]:
+    frame = store.results_frame(experiment)
+    return {(r.label, r.task, r.metric): r.value for r in frame.itertuples()}
+
+
+def test_ray_gives_local_results_retries_a_killed_worker_and_records_once(local_ray, chat_zoo, tmp_path):
+    methods = "  - method: task_arithmetic\n    parameters: {lambda: 0.7}\n  - method: ties\n"
+    path = write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "unused.sqlite", methods)
+    experiment = load_experiment(path).model_copy(update={"baselines": False})
+    with ResultStore(tmp_path / "local.sqlite") as local_store:
+        run_experiment(experiment, local_store, LocalExecutor(), show_progress=False)
+        expected = scores(local_store, experiment.name)
+    with ResultStore(tmp_path / "ray.sqlite") as ray_store:
+        summary = run_experiment(experiment, ray_store, CrashingRayExecutor(), show_progress=False)
+        assert local_ray.exists(), "no worker was killed, so the retry was not exercised"
+        assert summary.failed == [] and summary.computed == 4
+        assert scores(ray_store, experiment.name) == expected
+        jobs = ray_store.jobs(experiment.name)
+        assert len(jobs) == 4 and {job["status"] for job in jobs} == {"done"}
+        again = run_experiment(experiment, ray_store, CrashingRayExecutor(), show_progress=False)
+        assert (again.computed, again.reused) == (0, 4)

@@ -1,0 +1,131 @@
+"""The experiment runner: job expansion, content keys, end to end with real lm-eval, resume after kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import ConfigError, EvaluationError
+from harness.experiment import load_experiment, method_configs, plan_jobs
+from harness.runner import run_experiment, summary_frame
+from harness.store import ResultStore
+from tests.conftest import write_experiment
+
+
+def test_grid_expands_to_labelled_merges(chat_zoo, tmp_path):
+    experiment = load_experiment(write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite"))
+    labels = [label for label, _ in method_configs(experiment)]
+    assert labels == ["task_arithmetic (lambda=0.5)", "task_arithmetic (lambda=1.0)", "ties"]
+    jobs = plan_jobs(experiment)
+    assert [j.kind for j in jobs] == ["base", "finetune", "finetune", "merge", "merge", "merge"]
+    keys = [t.key for j in jobs for t in j.tasks]
+    assert len(keys) == len(set(keys)) == 12
+
+
+def test_keys_change_with_weights_and_settings(chat_zoo, tmp_path):
+    experiment = load_experiment(write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite"))
+    before = {t.key for j in plan_jobs(experiment) for t in j.tasks}
+    changed = experiment.model_copy(update={"seed": 1})
+    assert {t.key for j in plan_jobs(changed) for t in j.tasks if j.kind == "merge"}.isdisjoint(before)
+    assert {t.key for j in plan_jobs(changed) for t in j.tasks if j.kind == "base"} <= before
+
+
+def test_duplicate_job_specs_are_refused(chat_zoo, tmp_path):
+    methods = "  - method: ties\n  - method: ties\n"
+    experiment = load_experiment(write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s", methods))
+    with pytest.raises(ConfigError, match=r"methods\[1\]: duplicate job spec 'ties'"):
+        method_configs(experiment)
+
+
+def test_malformed_experiment_names_field_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "name: x\nbase_model: b\nfinetunes:\n  m: {model: a}\ntasks: [gsm8k]\nevaluation:\n  limt: 3\n"
+    )
+    with pytest.raises(ConfigError, match=r"bad\.yaml:7: evaluation\.limt: Extra inputs are not permitted"):
+        load_experiment(path)
+
+
+def test_unknown_task_suggests_names(chat_zoo, tmp_path):
+    path = write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite")
+    path.write_text(path.read_text().replace("cosmos_qa_fixture]", "cosmos_qa_fixtur]"))
+    with pytest.raises(EvaluationError, match="cosmos_qa_fixture"):
+        plan_jobs(load_experiment(path))
+
+
+def test_run_records_every_job_and_a_rerun_computes_nothing(chat_zoo, tmp_path):
+    store_path = tmp_path / "results.sqlite"
+    experiment = load_experiment(write_experiment(tmp_path / "e.yaml", chat_zoo, store_path))
+    with ResultStore(store_path) as store:
+        first = run_experiment(experiment, store, show_progress=False)
+        assert (first.total, first.computed, first.reused, first.failed) == (12, 12, 0, [])
+        table = summary_frame(store, experiment.name, first.labels)
+        assert list(table.index) == [
+            "pre-trained",
+            "math",
+            "qa",
+            "task_arithmetic (lambda=0.5)",
+            "task_arithmetic (lambda=1.0)",
+            "ties",
+        ]
+        assert "cosmos_qa_fixture acc" in table.columns
+        assert table.notna().all().all()
+        second = run_experiment(experiment, store, show_progress=False)
+        assert (second.computed, second.reused) == (0, 12)
+        frame = store.results_frame(experiment.name)
+        assert set(frame["label"]) >= {"ties", "pre-trained"}
+        merge_rows = frame[frame["label"] == "ties"]
+        assert (merge_rows["time_merge"] > 0).all()
+
+
+def test_a_failing_merge_is_recorded_and_others_still_run(chat_zoo, tmp_path):
+    methods = "  - method: ties\n  - method: slerp\n    parameters: {t: 0.5}\n"  # slerp takes one model
+    experiment = load_experiment(
+        write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite", methods)
+    )
+    experiment = experiment.model_copy(update={"baselines": False})
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        summary = run_experiment(experiment, store, show_progress=False)
+        assert summary.computed == 2 and len(summary.failed) == 2
+        assert all("slerp" in label and "takes 1" in error for label, _, error in summary.failed)
+        statuses = {job["label"]: job["status"] for job in store.jobs(experiment.name)}
+        assert statuses == {"ties": "done", "slerp": "failed"}
+
+
+def finished_jobs(store_path: Path) -> dict[str, str]:
+    try:
+        with sqlite3.connect(store_path) as conn:
+            return dict(conn.execute("SELECT key, finished_at FROM jobs WHERE status = 'done'").fetchall())
+    except sqlite3.OperationalError:  # the runner has not created its tables yet
+        return {}
+
+
+def test_resume_after_sigkill_keeps_and_skips_finished_jobs(chat_zoo, tmp_path):
+    store_path = tmp_path / "results.sqlite"
+    path = write_experiment(tmp_path / "e.yaml", chat_zoo, store_path)
+    command = [sys.executable, "-m", "harness", "run", str(path), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if store_path.exists() and len(finished_jobs(store_path)) >= 3:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, f"runner ended before it could be killed: {process.stderr.read()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = finished_jobs(store_path)
+    assert 3 <= len(before) < 12
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    after = finished_jobs(store_path)
+    assert len(after) == 12
+    assert all(after[key] == stamp for key, stamp in before.items())  # kept, not recomputed
+    assert f"{len(before)} reused, {12 - len(before)} computed" in result.stdout
