@@ -225,3 +225,49 @@ def eval_model(
         for score in result.scores:
             stderr = f" ± {score.stderr:.4g}" if score.stderr is not None else ""
             console.print(f"{score.task:28} {score.metric:28} {score.value:.4g}{stderr}")
+
+
+@app.command()
+def report(
+    experiment: str = typer.Option(None, "--experiment", help="Experiment name (default: all in the store)."),
+    formats: str = typer.Option("all", "--format", help="md, latex, csv, json, html or all."),
+    out: Path = typer.Option(Path("reports-out"), "--out", help="Directory for the files."),
+    paper: str = typer.Option(None, "--paper", help="Paper-table spec: NAME in reports/paper/ or a path."),
+    normalized: bool = typer.Option(False, "--normalized", help="Scores / the fine-tune's on its task."),
+    delta: bool = typer.Option(False, "--delta", help="Scores minus task arithmetic's."),
+    store_path: str = typer.Option(None, "--store", help="SQLite result store."),
+) -> None:
+    """Render comparison tables, the HTML leaderboard and plots from the result store."""
+    from reports.commands import render_paper, write_paper, write_report
+
+    with open_store(store_path) as store:
+        if paper:
+            console.print(render_paper(store, paper), markup=False, highlight=False)
+            console.print(f"written: {write_paper(store, paper, out)}")
+            return
+        files = write_report(store, experiment, out, formats, normalized=normalized, delta=delta)
+    for path in files:
+        console.print(f"written: {path}")
+
+
+@app.command()
+def check(
+    golden: Path = typer.Option(..., "--golden", help="Golden results JSON (written by --update)."),
+    experiment: str = typer.Option(None, "--experiment", help="Default: the golden file's experiment."),
+    update: bool = typer.Option(False, "--update", help="Write the golden file from the store instead."),
+    tolerance: float = typer.Option(0.5, "--tolerance", help="Allowed drop, in points (0-100 scale)."),
+    tolerance_stderr: float = typer.Option(None, "--tolerance-stderr", help="Or K x the combined stderr."),
+    junit: Path = typer.Option(None, "--junit", help="Write a JUnit XML report here."),
+    summary: Path = typer.Option(None, "--summary", help="Write a Markdown summary here."),
+    store_path: str = typer.Option(None, "--store", help="SQLite result store."),
+) -> None:
+    """Compare the store's results with a golden file: exit 1 on a regression."""
+    from reports.check import Tolerance
+    from reports.commands import run_check
+
+    limits = Tolerance(points=tolerance, stderr_multiple=tolerance_stderr)
+    with open_store(store_path) as store:
+        outcome = run_check(store, experiment, golden, limits, update=update, junit=junit, summary=summary)
+    console.print(outcome.summary_md, markup=False, highlight=False)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)

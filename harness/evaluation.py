@@ -14,16 +14,17 @@ A `Score.metric` is that key with a ",none" filter dropped: "acc", "pass@1", "bl
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +50,8 @@ class EvalSettings(BaseModel):
     log_samples: bool = False
     device: str = "cpu"
     bootstrap_iters: int = Field(1000, description="for stderrs lm-eval bootstraps (e.g. BLEU)")
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf (in memory) or vllm (GPU, extra)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per model")
 
 
 @dataclass
@@ -145,32 +148,47 @@ def evaluate(
 
     catalog = catalog or default_catalog()
     catalog.check(tasks)
-    lm = _wrap_model(model, tokenizer, settings)
     start = time.perf_counter()
     scores: list[Score] = []
     versions = {"lm_eval": lm_eval.__version__, **_library_versions()}
     task_seconds: dict[str, float] = {}
     samples: list[dict[str, Any]] | None = [] if settings.log_samples else None
-    for name in tasks:
-        task_start = time.perf_counter()
-        results = _run_task(lm, name, settings, catalog)
-        task_seconds[name] = time.perf_counter() - task_start
-        scores += parse_scores(results)
-        versions.update(task_versions(results))
-        if samples is not None:
-            samples += sample_records(results)
+    with _wrapped_model(model, tokenizer, settings) as (lm, setup_seconds):
+        if setup_seconds:
+            task_seconds["backend_setup"] = setup_seconds
+        for name in tasks:
+            task_start = time.perf_counter()
+            results = _run_task(lm, name, settings, catalog)
+            task_seconds[name] = time.perf_counter() - task_start
+            scores += parse_scores(results)
+            versions.update(task_versions(results))
+            if samples is not None:
+                samples += sample_records(results)
     return EvaluationReport(scores, versions, time.perf_counter() - start, task_seconds, samples)
 
 
-def _wrap_model(model: Any, tokenizer: Any, settings: EvalSettings):
-    from lm_eval.models.huggingface import HFLM
+@contextlib.contextmanager
+def _wrapped_model(model: Any, tokenizer: Any, settings: EvalSettings) -> Iterator[tuple[Any, float]]:
+    """lm-eval's model object for the chosen backend, and the seconds its setup took.
 
+    "hf" wraps the in-memory model (no disk); "vllm" hands a RAM-backed copy to vLLM, which
+    cannot adopt an in-memory model (see harness.vllm_backend), and removes it afterwards.
+    """
     if isinstance(tokenizer, (str, Path)):
         from harness.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
+    if settings.backend == "vllm":
+        from harness.vllm_backend import VllmOptions, staged_model, vllm_lm
+
+        with staged_model(model, tokenizer) as (directory, save_seconds):
+            options = VllmOptions(tensor_parallel_size=settings.tensor_parallel_size)
+            yield vllm_lm(directory, options, settings.batch_size, settings.seed), save_seconds
+        return
+    from lm_eval.models.huggingface import HFLM
+
     model = model.to(settings.device).eval()
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+    yield HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size), 0.0
 
 
 def _run_task(lm: Any, name: str, settings: EvalSettings, catalog: TaskCatalog) -> dict[str, Any]:

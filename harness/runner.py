@@ -12,6 +12,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import pandas as pd
@@ -36,9 +37,23 @@ class RunSummary:
     labels: list[str] = field(default_factory=list)  # models in run order
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak stays the process's lifetime peak
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory since the last `reset_peak_rss` (else since the process started)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def load_job_model(job: ModelJob):
@@ -59,6 +74,7 @@ def run_model_job(job: ModelJob, pending: Sequence[TaskJob], experiment: str, si
     """Build one model and evaluate it on its pending tasks, handing each result to `sink`."""
     from harness.evaluation import evaluate
 
+    reset_peak_rss()  # the recorded peak is this job's: building the model and evaluating it
     start = time.perf_counter()
     model, tokenizer, outcome = load_job_model(job)
     build_seconds = time.perf_counter() - start

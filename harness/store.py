@@ -442,7 +442,7 @@ def _merge_of(spec: Any) -> tuple[str | None, dict[str, Any]]:
     """(method, flattened params) from a spec, whatever else it holds."""
     spec = spec if isinstance(spec, dict) else {}
     source = spec["merge"] if isinstance(spec.get("merge"), dict) else spec
-    method, params = source.get("method"), source.get("params")
+    method, params = source.get("method"), source.get("parameters", source.get("params"))
     return (method if isinstance(method, str) else None,
             _flatten(params) if isinstance(params, dict) else {})
 

@@ -1,0 +1,331 @@
+"""The comparison table of one experiment, shaped like the SLTA paper's tables.
+
+Rows: the pre-trained model, each individual fine-tune, then each merge ("SLTA (attn/MLP)" for
+slta at granularity attn_mlp; a grid's points are told apart by the parameters that vary).
+Columns: one primary metric per task (`metrics.primary_metric`), in points, then "Avg." (mean over
+the tasks; missing if a task is missing) and the cost columns (merge seconds, peak RSS in MB).
+Optional blocks: *normalized* score = 100 * row / (the fine-tune tuned for that task, on that
+task), and *delta* = row - task arithmetic (the task_arithmetic row with the best average).
+Bold ("best") = the best merge in each column, compared at the shown precision; the pre-trained
+model and the fine-tunes are references and only compete when there are no merges.
+
+`build_table` is pure (a results frame in, a `ComparisonTable` out); every renderer reads that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from harness.errors import ConfigError, StoreError
+from reports import metrics as m
+
+AVERAGE = "Avg."
+MERGE_TIME = "Merge (s)"
+PEAK_RSS = "Peak RSS (MB)"
+COST_COLUMNS = (MERGE_TIME, PEAK_RSS)
+GRANULARITY_ORDER = {"model": 0, "layer": 1, "attn_mlp": 2}
+
+
+@dataclass(frozen=True)
+class Column:
+    task: str
+    metric: str
+    title: str
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    normalized: bool = False
+    delta: bool = False
+    costs: bool = True
+    tasks: Sequence[str] | None = None  # subset and order of task columns (default: all, sorted)
+    metrics: Mapping[str, str] = field(default_factory=dict)  # task -> metric overrides
+
+
+@dataclass
+class Block:
+    """One grid of numbers: index = row ids (table order), columns = column titles."""
+
+    name: str  # "score" | "normalized" | "delta"
+    title: str
+    values: pd.DataFrame
+    decimals: dict[str, int]
+    lower_is_better: frozenset[str] = frozenset()
+    best: dict[str, list[str]] = field(default_factory=dict)
+    signed: bool = False
+    notes: list[str] = field(default_factory=list)  # how this block was computed
+
+    def text(self, row: str, column: str, missing: str = "–") -> str:
+        value = self.values.at[row, column]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return missing
+        return f"{value:{'+' if self.signed else ''}.{self.decimals.get(column, 2)}f}"
+
+    def is_best(self, row: str, column: str) -> bool:
+        return row in self.best.get(column, ())
+
+
+@dataclass
+class ComparisonTable:
+    experiment: str
+    family: str
+    rows: pd.DataFrame  # index = row id (job label): title, kind, method, params, params_text
+    columns: list[Column]
+    blocks: list[Block]
+    notes: list[str]
+
+    def block(self, name: str) -> Block | None:
+        return next((b for b in self.blocks if b.name == name), None)
+
+    def parameter_notes(self) -> list[str]:
+        """'TIES: density=0.5, lambda=1' for each merge whose title does not say it all."""
+        return [f"{r.title}: {r.params_text}" for r in self.rows.itertuples() if r.params_text]
+
+    def all_notes(self) -> list[str]:
+        block_notes = [note for block in self.blocks for note in block.notes]
+        params = self.parameter_notes()
+        return self.notes + block_notes + (["Hyper-parameters: " + "; ".join(params)] if params else [])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One flat DataFrame: metadata, scores, then "<col> (norm. %)" and "<col> (Δ TA)"."""
+        meta = self.rows[["kind", "method", "params_text"]].rename(
+            columns={"params_text": "hyper-parameters"})
+        parts = [meta]
+        suffix = {"score": "", "normalized": " (norm. %)", "delta": " (Δ TA)"}
+        for block in self.blocks:
+            parts.append(block.values.rename(columns=lambda c, b=block: c + suffix[b.name]))
+        frame = pd.concat(parts, axis=1)
+        frame.index = pd.Index(self.rows["title"], name="model")
+        return frame
+
+
+# ------------------------------------------------------------------------------------- rows
+
+
+def spec_params(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge parameters of a job spec (spec["merge"]["parameters"] or ["params"]), flattened."""
+    merge = spec.get("merge") if isinstance(spec.get("merge"), Mapping) else {}
+    return _flatten(merge.get("parameters", merge.get("params")) or {})
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def _row_meta(results: pd.DataFrame, finetune_order: Sequence[str]) -> pd.DataFrame:
+    records = []
+    for label, group in results.groupby("label", sort=False):
+        spec = json.loads(group["spec_json"].iloc[0])
+        method = spec.get("merge", {}).get("method") or group["method"].iloc[0]
+        method = method if isinstance(method, str) else None
+        kind = spec.get("kind") or ("merge" if method else "base" if label == "pre-trained"
+                                    else "model")
+        params = spec_params(spec) if method else {}
+        records.append({"id": str(label), "kind": kind, "method": method, "params": params,
+                        "params_text": m.format_params(params)})
+    meta = pd.DataFrame.from_records(records).set_index("id")
+    meta["title"] = [_title(row_id, row) for row_id, row in meta.iterrows()]
+    _disambiguate(meta)
+    meta["order"] = [_order_key(row_id, row, finetune_order) for row_id, row in meta.iterrows()]
+    return meta.sort_values("order").drop(columns="order")
+
+
+def _title(row_id: str, row: pd.Series) -> str:
+    if row["kind"] == "base":
+        return "Pre-trained"
+    if row["kind"] == "finetune":
+        return f"Fine-tuned ({row_id})"
+    method = row["method"]
+    if row["kind"] != "merge" or not (row_id == method or row_id.startswith(f"{method} (")):
+        return row_id  # a custom label says what the user wants to read
+    return m.method_title(method, row["params"])
+
+
+def _disambiguate(meta: pd.DataFrame) -> None:
+    """Rows with one title (a grid) get the parameters that differ among them appended."""
+    for title, group in meta.groupby("title"):
+        if len(group) < 2:
+            continue
+        names = sorted({k for p in group["params"] for k in p})
+        varying = [k for k in names if len({repr(p.get(k)) for p in group["params"]}) > 1]
+        for row_id, params in group["params"].items():
+            shown = m.format_params({k: params.get(k) for k in varying}, skip=())
+            meta.at[row_id, "title"] = f"{title} ({shown or row_id})"
+
+
+def _order_key(row_id: str, row: pd.Series, finetune_order: Sequence[str]) -> tuple:
+    kind = m.KIND_ORDER.get(row["kind"], 9)
+    if row["kind"] == "finetune":
+        position = list(finetune_order).index(row_id) if row_id in finetune_order else 99
+        return (kind, position, 0, row["title"])
+    methods = list(m.METHOD_TITLES)
+    rank = methods.index(row["method"]) if row["method"] in methods else len(methods)
+    granularity = GRANULARITY_ORDER.get(str(row["params"].get("granularity")), -1)
+    return (kind, rank, granularity, row["title"])
+
+
+# ------------------------------------------------------------------------------------ blocks
+
+
+def _columns(results: pd.DataFrame, options: TableOptions) -> list[Column]:
+    present = sorted(results["task"].unique())
+    tasks = list(options.tasks) if options.tasks else present
+    if unknown := [t for t in tasks if t not in present]:
+        raise ConfigError(f"tasks {unknown} have no results in this experiment; "
+                          f"tasks with results: {', '.join(present)}")
+    columns = []
+    for task in tasks:
+        available = results.loc[results["task"] == task, "metric"].unique()
+        metric = options.metrics.get(task) or m.primary_metric(task, available)
+        if metric not in available:
+            raise ConfigError(f"task {task!r} has no metric {metric!r}; it reports: "
+                              f"{', '.join(sorted(available))}")
+        columns.append(Column(task, metric, m.task_title(task)))
+    titles = [c.title for c in columns]
+    return [Column(c.task, c.metric, c.task if titles.count(c.title) > 1 else c.title)
+            for c in columns]
+
+
+def _best(block: Block, candidates: Sequence[str]) -> None:
+    for column in block.values.columns:
+        shown = block.values.loc[list(candidates), column].round(block.decimals.get(column, 2))
+        shown = shown.dropna()
+        if shown.empty:
+            continue
+        target = shown.min() if column in block.lower_is_better else shown.max()
+        block.best[column] = [row for row, value in shown.items() if value == target]
+
+
+def _score_block(results: pd.DataFrame, columns: list[Column], meta: pd.DataFrame,
+                 costs: bool) -> Block:
+    values = pd.DataFrame(index=meta.index)
+    for col in columns:
+        picked = results[(results["task"] == col.task) & (results["metric"] == col.metric)]
+        values[col.title] = picked.groupby("label")["value"].first() * m.points_per_unit(col.metric)
+    values[AVERAGE] = values[[c.title for c in columns]].mean(axis=1, skipna=False)
+    lower = {c.title for c in columns if not m.higher_is_better(c.metric)}
+    decimals = {c: 2 for c in values.columns}
+    if costs:
+        by_row = results.groupby("label")
+        if "time_merge" in results and results["time_merge"].notna().any():
+            values[MERGE_TIME] = by_row["time_merge"].max()
+            decimals[MERGE_TIME], lower = 1, lower | {MERGE_TIME}
+        if results["peak_rss_mb"].notna().any():
+            values[PEAK_RSS] = by_row["peak_rss_mb"].max()
+            decimals[PEAK_RSS], lower = 0, lower | {PEAK_RSS}
+    return Block("score", "Score (points)", values.astype(float), decimals, frozenset(lower))
+
+
+def _same_task(tuned_for: str, task: str) -> bool:
+    def family(name: str) -> str:
+        return name.removesuffix("_fixture")
+    return tuned_for == task or family(tuned_for) == family(task)
+
+
+def _normalized_block(score: Block, columns: list[Column], meta: pd.DataFrame,
+                      finetune_tasks: Mapping[str, str]) -> Block:
+    values = pd.DataFrame(index=score.values.index, dtype=float)
+    notes: list[str] = []
+    for col in columns:
+        tuned = [f for f, t in finetune_tasks.items() if _same_task(t, col.task) and f in meta.index]
+        reference = score.values.at[tuned[0], col.title] if tuned else float("nan")
+        if not tuned or pd.isna(reference) or not reference:
+            why = ("no fine-tune was tuned for it" if not tuned else
+                   f"{tuned[0]} has no score on it" if pd.isna(reference) else f"{tuned[0]} scores 0")
+            notes.append(f"{col.title}: no normalized score ({why}).")
+            values[col.title] = float("nan")
+            continue
+        values[col.title] = 100 * score.values[col.title] / reference
+        notes.append(f"{col.title}: 100 x score / {meta.at[tuned[0], 'title']}.")
+    if values.isna().all().all():
+        raise ConfigError("normalized scores need the fine-tune -> task mapping (`finetunes: "
+                          "{name: {model, task}}` in the experiment) to name the tasks of "
+                          f"this table ({', '.join(c.task for c in columns)}); got "
+                          f"{dict(finetune_tasks) or 'none'}")
+    values[AVERAGE] = values.mean(axis=1, skipna=False)
+    return Block("normalized", "Normalized score (% of the fine-tune)", values,
+                 {c: 1 for c in values.columns}, notes=["Normalized: " + " ".join(notes)])
+
+
+def _delta_block(score: Block, columns: list[Column], meta: pd.DataFrame) -> Block:
+    arithmetic = meta.index[meta["method"] == "task_arithmetic"]
+    if arithmetic.empty:
+        methods = sorted({str(x) for x in meta["method"].dropna()})
+        raise ConfigError("delta vs task arithmetic needs a task_arithmetic row; this "
+                          f"experiment has the methods: {', '.join(methods) or 'none'}")
+    averages = score.values.loc[arithmetic, AVERAGE]
+    reference = averages.idxmax() if averages.notna().any() else arithmetic[0]
+    titles = [c.title for c in columns] + [AVERAGE]
+    values = score.values[titles] - score.values.loc[reference, titles]
+    note = (f"Δ TA: score minus {meta.at[reference, 'title']} (the task-arithmetic row with the "
+            "best average), in points.")
+    return Block("delta", "Δ vs task arithmetic (points)", values, {c: 2 for c in titles},
+                 score.lower_is_better & set(titles), signed=True, notes=[note])
+
+
+# ------------------------------------------------------------------------------------- table
+
+
+def build_table(results: pd.DataFrame, finetune_tasks: Mapping[str, str],
+                options: TableOptions = TableOptions(), family: str | None = None) -> ComparisonTable:
+    """The comparison table of the results of one experiment (a `results_frame`)."""
+    if results.empty:
+        raise StoreError("there are no results to tabulate (the results frame is empty)")
+    experiments = sorted(results["experiment"].unique())
+    if len(experiments) > 1:
+        raise ConfigError(f"one table per experiment; the results hold {experiments}")
+    columns = _columns(results, options)
+    tasks = [c.task for c in columns]
+    finetune_order = sorted(finetune_tasks, key=lambda f: next(
+        (i for i, t in enumerate(tasks) if _same_task(finetune_tasks[f], t)), len(tasks)))
+    meta = _row_meta(results, finetune_order)
+    notes = ["Scores in points: " + "; ".join(
+        f"{c.title} = {c.metric}" + (" x 100" if m.points_per_unit(c.metric) != 1 else "")
+        for c in columns) + f". {AVERAGE} = mean over the tasks."]
+    blocks = [_score_block(results, columns, meta, options.costs)]
+    if options.normalized:
+        blocks.append(_normalized_block(blocks[0], columns, meta, finetune_tasks))
+    if options.delta:
+        blocks.append(_delta_block(blocks[0], columns, meta))
+    merges = list(meta.index[meta["kind"] == "merge"])
+    for block in blocks:
+        _best(block, merges or list(meta.index))
+    notes.append("Bold: the best " + ("merge" if merges else "model") + " in each column.")
+    return ComparisonTable(experiments[0], family or experiments[0], meta, columns, blocks, notes)
+
+
+def comparison_table(store, experiment: str, options: TableOptions = TableOptions()) -> ComparisonTable:
+    """`build_table` on the store's results of `experiment`, with its fine-tune -> task mapping."""
+    from reports import source
+
+    source.resolve_experiments(store, experiment)
+    config = source.experiment_config(store, experiment)
+    results = store.results_frame(experiment)
+    if options.tasks is None and config.get("tasks"):  # the experiment's order of tasks
+        named = [t if isinstance(t, str) else t.get("name") for t in config["tasks"]]
+        present = set(results["task"])
+        order = [t for t in named if t in present] + sorted(present - set(named))
+        options = dataclasses.replace(options, tasks=order)
+    return build_table(results, source.finetune_tasks(config), options,
+                       source.model_family(config, experiment))
+
+
+def comparison_frame(store, experiment: str, *, normalized: bool = False, delta: bool = False,
+                     tasks: Sequence[str] | None = None,
+                     metrics: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The comparison table as one pandas DataFrame (rows = models, see `to_frame`)."""
+    options = TableOptions(normalized=normalized, delta=delta, tasks=tasks, metrics=metrics or {})
+    return comparison_table(store, experiment, options).to_frame()
