@@ -10,6 +10,7 @@ depend on the order or the subset of tensors merged.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from harness.checkpoint import ShardedWriter
 from harness.config import MergeConfig
-from harness.errors import CheckpointError, ConfigError, MethodError
+from harness.errors import CheckpointError, MethodError
 from harness.models import build_model
 from harness.plan import MergePlan, TensorTask, build_plan
 from harness.progress import progress_bar
@@ -39,6 +40,8 @@ class MergeOutcome:
     coefficients: list[Coefficient] = field(default_factory=list)
     model_config: dict = field(default_factory=dict)  # config.json of the merged model
     tokenizer_dir: Path | None = None  # where its tokenizer files come from
+    # model-level methods: full-forward equivalents run, per "model@task" calibration set
+    forward_passes: dict[str, float] = field(default_factory=dict)
 
 
 def tensor_generator(seed: int, name: str, device: str = "cpu") -> torch.Generator:
@@ -81,13 +84,24 @@ def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[t
             advance()
 
 
-def _streaming_plan(config: MergeConfig) -> MergePlan:
-    plan = build_plan(config)
-    if not plan.method.streaming:
-        raise ConfigError(
-            f"merge_method: {plan.method.name!r} needs calibration data; run it from an experiment"
-        )
-    return plan
+def _calibrated(plan: MergePlan, show_progress: bool) -> MergeOutcome:
+    """Model-level methods (calibration data, whole-model statistics): see harness.calibrated."""
+    from harness.calibrated import merge_calibrated  # it builds on this module's MergeOutcome
+
+    return merge_calibrated(plan.config, show_progress=show_progress, plan=plan)
+
+
+def _write_coefficients(plan: MergePlan, outcome: MergeOutcome, out_dir: Path) -> None:
+    """Solved coefficients (e.g. SLTA's) next to the weights, as `<method>_coefficients.json`."""
+    if not outcome.coefficients:
+        return
+    record = {
+        "method": plan.method.name,
+        "coefficients": [vars(c) for c in outcome.coefficients],
+        "forward_passes": outcome.forward_passes,
+    }
+    path = Path(out_dir) / f"{plan.method.name}_coefficients.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def merge_to_disk(
@@ -100,22 +114,34 @@ def merge_to_disk(
 ) -> MergeOutcome:
     """Merge into a HF model directory; nothing is left at `out_dir` unless the merge finished."""
     start = time.perf_counter()
-    plan = _streaming_plan(config)
+    plan = build_plan(config)
+    calibrated = None if plan.method.streaming else _calibrated(plan, show_progress)
     writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
     try:
-        for name, tensor in iter_merged(plan, config.device, show_progress):
-            writer.write(name, tensor)
+        if calibrated is None:
+            for name, tensor in iter_merged(plan, config.device, show_progress):
+                writer.write(name, tensor)
+        else:
+            for task in plan.tasks:
+                writer.write(task.info.name, calibrated.state.pop(task.info.name))
         writer.commit(plan.sidecar_source, plan.out_config)
     except BaseException:
         writer.abort()
         raise
-    return MergeOutcome(None, Path(out_dir), time.perf_counter() - start, len(plan.tasks))
+    outcome = MergeOutcome(None, Path(out_dir), time.perf_counter() - start, len(plan.tasks))
+    if calibrated is not None:
+        outcome.coefficients = calibrated.coefficients
+        outcome.forward_passes = calibrated.forward_passes
+        _write_coefficients(plan, outcome, Path(out_dir))
+    return outcome
 
 
 def merge_state_dict(config: MergeConfig, *, show_progress: bool = False) -> MergeOutcome:
     """Merge into memory: a {name: tensor} state dict, with no disk round trip."""
     start = time.perf_counter()
-    plan = _streaming_plan(config)
+    plan = build_plan(config)
+    if not plan.method.streaming:
+        return _calibrated(plan, show_progress)
     state = dict(iter_merged(plan, config.device, show_progress))
     seconds = time.perf_counter() - start
     return MergeOutcome(state, None, seconds, len(plan.tasks), [], plan.out_config, plan.sidecar_source)

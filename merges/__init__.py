@@ -7,10 +7,18 @@ Third-party packages publish a `register(registry)` function under the entry poi
 from __future__ import annotations
 
 from harness.registry import Registry
-from merges import linear, model_stock, slerp, task_arithmetic
+from merges import fisher, linear, model_stock, regmean, slerp, slta, task_arithmetic
 from merges.base import MergeMethod
 
 
 def register_builtins(registry: Registry[MergeMethod]) -> None:
-    for method in (linear.METHOD, *task_arithmetic.METHODS, slerp.METHOD, model_stock.METHOD):
+    for method in (
+        linear.METHOD,
+        *task_arithmetic.METHODS,
+        slerp.METHOD,
+        model_stock.METHOD,
+        slta.METHOD,
+        regmean.METHOD,
+        fisher.METHOD,
+    ):
         registry.register(method.name, method)
