@@ -154,3 +154,12 @@ def test_the_shipped_plugin_example_registers(monkeypatch):
     finetunes = [torch.ones(3), 2 * torch.ones(3), 9 * torch.ones(3)]
     out = method.merge_tensor(base, finetunes, [], method.params(), torch.Generator())
     assert torch.allclose(out, torch.full((3,), 2.0))
+
+
+def test_docs_methods_table_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from harness.cli import methods_markdown
+
+    text = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    assert methods_markdown() in text, "regenerate with: merge-harness methods --markdown"
