@@ -85,18 +85,28 @@ def test_run_records_every_job_and_a_rerun_computes_nothing(chat_zoo, tmp_path):
         assert (merge_rows["time_merge"] > 0).all()
 
 
-def test_a_failing_merge_is_recorded_and_others_still_run(chat_zoo, tmp_path):
-    methods = "  - method: ties\n  - method: slerp\n    parameters: {t: 0.5}\n"  # slerp takes one model
-    experiment = load_experiment(
-        write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite", methods)
+def test_a_merge_failing_at_run_time_is_recorded_and_others_still_run(chat_zoo, tmp_path):
+    # weights summing to 0 pass validation but cannot be normalised: the merge itself fails
+    methods = (
+        "  - method: ties\n"
+        "  - method: linear\n"
+        "    model_parameters: {math: {weight: 1.0}, qa: {weight: -1.0}}\n"
     )
-    experiment = experiment.model_copy(update={"baselines": False})
+    path = write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite", methods)
+    experiment = load_experiment(path).model_copy(update={"baselines": False})
     with ResultStore(tmp_path / "s.sqlite") as store:
         summary = run_experiment(experiment, store, show_progress=False)
         assert summary.computed == 2 and len(summary.failed) == 2
-        assert all("slerp" in label and "takes 1" in error for label, _, error in summary.failed)
+        assert all(label == "linear" and "sum to 0" in error for label, _, error in summary.failed)
         statuses = {job["label"]: job["status"] for job in store.jobs(experiment.name)}
-        assert statuses == {"ties": "done", "slerp": "failed"}
+        assert statuses == {"ties": "done", "linear": "failed"}
+
+
+def test_invalid_method_configs_are_refused_before_any_work(chat_zoo, tmp_path):
+    methods = "  - method: slerp\n    parameters: {t: 0.5}\n"  # slerp takes exactly one non-base model
+    path = write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite", methods)
+    with pytest.raises(ConfigError, match="slerp' takes 1 non-base models, got 2"):
+        plan_jobs(load_experiment(path))
 
 
 def finished_jobs(store_path: Path) -> dict[str, str]:
