@@ -271,3 +271,37 @@ def check(
     console.print(outcome.summary_md, markup=False, highlight=False)
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def finetune(config: Path = typer.Argument(..., help="Fine-tune YAML (see docs/finetune.md).")) -> None:
+    """Supervised fine-tuning (full, attention-only or MLP-only) into a HF model directory."""
+    from harness.finetune import finetune_from_config
+
+    console.print(f"written: {finetune_from_config(config)}")
+
+
+@app.command()
+def demo(
+    zoo: str = typer.Option("toy", "--zoo", help="toy (a tiny model built here) or smollm2 (real 135M)."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Where the zoo, store and report go."),
+    size: str = typer.Option("toy", "--size", help="Toy zoo size: toy (the demo) or ci (seconds)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """The offline demo: build a model zoo, merge with every method, evaluate, report."""
+    import time
+
+    from harness.demo import run_demo
+    from reports.frame import comparison_frame
+
+    start = time.perf_counter()
+    result = run_demo(out, zoo, size, show_progress=not quiet)
+    from harness.store import ResultStore
+
+    with ResultStore(result.store) as store:
+        frame = comparison_frame(store, result.experiment)
+    print_frame(frame, f"{result.experiment}: scores in points (best merge per task in the report)")
+    console.print(f"store: {result.store}")
+    for path in result.files:
+        console.print(f"written: {path}")
+    console.print(f"demo finished in {time.perf_counter() - start:.0f} s")

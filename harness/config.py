@@ -19,14 +19,14 @@ name wins. Errors name the YAML file, line and field path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.errors import ConfigError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class Condition(BaseModel):
@@ -36,7 +36,7 @@ class Condition(BaseModel):
     filter: str | None = None
 
 
-Setting = Union[Scalar, list[Scalar], Condition, list[Condition]]
+Setting = Scalar | list[Scalar] | Condition | list[Condition]
 
 
 class ModelEntry(BaseModel):
@@ -174,23 +174,28 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     return resolve_relative_paths(config, Path(path).parent)
 
 
+def relative_to(ref: str | None, root: Path) -> str | None:
+    """A path written in a config file is relative to that file; anything else (a HF id) is kept."""
+    if ref is None or Path(ref).is_absolute() or not (root / ref).exists():
+        return ref
+    return str(root / ref)
+
+
 def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
-    """Model paths in a config file are relative to that file, like mergekit's."""
-
-    def fix(ref: str | None) -> str | None:
-        if ref is None or Path(ref).is_absolute():
-            return ref
-        candidate = root / ref
-        return str(candidate) if candidate.exists() else ref
-
+    """Model and data paths in a config file are relative to that file, like mergekit's."""
     models = [
-        entry.model_copy(update={"model": fix(entry.model), "calibration": fix(entry.calibration)})
+        entry.model_copy(
+            update={
+                "model": relative_to(entry.model, root),
+                "calibration": relative_to(entry.calibration, root),
+            }
+        )
         for entry in config.models
     ]
     return config.model_copy(
         update={
-            "base_model": fix(config.base_model),
+            "base_model": relative_to(config.base_model, root),
             "models": models,
-            "tokenizer_source": fix(config.tokenizer_source),
+            "tokenizer_source": relative_to(config.tokenizer_source, root),
         }
     )

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import harness
-from harness.config import MergeConfig, Scalar, Setting, load_yaml, parse_config
+from harness.config import MergeConfig, Scalar, Setting, load_yaml, parse_config, relative_to
 from harness.errors import ConfigError
 from harness.evaluation import EvalSettings
 from harness.models import resolve_model
@@ -55,6 +55,7 @@ class MethodRun(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
     grid: dict[str, list[Scalar]] = Field(default_factory=dict)
     model_parameters: dict[str, dict[str, Setting]] = Field(default_factory=dict)  # per fine-tune
+    finetunes: list[str] | None = None  # a subset of the experiment's fine-tunes (default: all)
     dtype: str | None = None
 
 
@@ -83,9 +84,9 @@ class Experiment(BaseModel):
     @model_validator(mode="after")
     def _known_finetunes(self) -> Experiment:
         for index, run in enumerate(self.methods):
-            unknown = sorted(set(run.model_parameters) - set(self.finetunes))
+            unknown = sorted((set(run.model_parameters) | set(run.finetunes or ())) - set(self.finetunes))
             if unknown:
-                raise ValueError(f"methods[{index}].model_parameters names unknown fine-tunes {unknown}")
+                raise ValueError(f"methods[{index}] names unknown fine-tunes {unknown}")
         return self
 
     def task_runs(self) -> list[TaskRun]:
@@ -102,17 +103,14 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def _relative_to(experiment: Experiment, root: Path) -> Experiment:
     """Paths in an experiment file are relative to that file."""
-
-    def fix(ref: str | None) -> str | None:
-        if ref is None or Path(ref).is_absolute() or not (root / ref).exists():
-            return ref
-        return str(root / ref)
-
     finetunes = {
-        name: ft.model_copy(update={"model": fix(ft.model), "calibration": fix(ft.calibration)})
+        name: ft.model_copy(
+            update={"model": relative_to(ft.model, root), "calibration": relative_to(ft.calibration, root)}
+        )
         for name, ft in experiment.finetunes.items()
     }
-    return experiment.model_copy(update={"base_model": fix(experiment.base_model), "finetunes": finetunes})
+    base = relative_to(experiment.base_model, root)
+    return experiment.model_copy(update={"base_model": base, "finetunes": finetunes})
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -196,6 +194,7 @@ def _merge_config(experiment: Experiment, run: MethodRun, point: dict[str, Scala
             **({"calibration": ft.calibration} if ft.calibration else {}),
         }
         for name, ft in experiment.finetunes.items()
+        if run.finetunes is None or name in run.finetunes
     ]
     data = {
         "method": run.method,

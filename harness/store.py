@@ -17,15 +17,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import StoreError
+from harness.atomic import atomic_write_text
+from harness.errors import HarnessError, StoreError
 from harness.results import Coefficient, JobResult, Score
 from harness.store_migrations import migrate
 
@@ -392,20 +391,9 @@ class ResultStore:
                 result = dataclasses.replace(self._load(key), experiment=exp)
                 lines.append(canonical_json(dataclasses.asdict(result), f"result of job {key}"))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    out.writelines(line + "\n" for line in lines)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        except OSError as exc:
-            raise StoreError(f"cannot write the export {path}: {exc.strerror or exc}") from exc
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
+        except HarnessError as exc:
+            raise StoreError(f"cannot write the export {path}: {exc}") from exc
         return len(lines)
 
     def import_jsonl(self, path: Path | str) -> tuple[int, int]:

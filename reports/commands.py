@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from harness.atomic import atomic_write_text
 from harness.errors import ConfigError
 from harness.store import ResultStore
 from reports import check as checking
@@ -28,7 +29,6 @@ from reports.html import job_details, render_html
 from reports.json import render_json
 from reports.latex import render_latex
 from reports.markdown import render_markdown
-from reports.output import atomic_write_text
 
 FORMATS = ("md", "latex", "csv", "json", "html")
 RENDERERS = {"md": (render_markdown, "md"), "latex": (render_latex, "tex"),

@@ -1,5 +1,5 @@
-"""Writing report files atomically: a temporary file in the same folder, then os.replace, so a
-reader (or a CI step) never sees half a file."""
+"""Writing files atomically: a temporary file in the same folder, then os.replace, so a reader
+(a report viewer, a CI step, an importing teammate) never sees half a file."""
 
 from __future__ import annotations
 

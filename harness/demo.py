@@ -1,0 +1,103 @@
+"""The offline demo: a model zoo -> every registered merge method -> lm-eval -> the full report.
+
+`merge-harness demo` builds (or reuses) a zoo of one base model and one fine-tune per task,
+merges the fine-tunes with every registered method (SLTA at model, layer and attn/MLP
+granularity included), evaluates every model with lm-eval on the zoo's tasks, stores the results
+and writes the tables, plots and leaderboard. Everything is cached: a second run reuses the
+zoo and every finished job, and only re-renders the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+from harness.experiment import Experiment, MethodRun
+from harness.methods import method_registry
+
+# Parameters for the demo's merges; methods not listed run with their defaults if they validate.
+DEMO_METHODS: list[dict[str, Any]] = [
+    {"method": "linear"},
+    {"method": "task_arithmetic", "grid": {"lambda": [0.5, 1.0]}},
+    {"method": "ties", "parameters": {"density": 0.5}},
+    {"method": "dare_linear", "parameters": {"density": 0.5}},
+    {"method": "dare_ties", "parameters": {"density": 0.5}},
+    {"method": "breadcrumbs", "parameters": {"density": 0.5, "gamma": 0.05}},
+    {"method": "breadcrumbs_ties", "parameters": {"density": 0.5, "gamma": 0.05}},
+    {"method": "della", "parameters": {"density": 0.5, "epsilon": 0.1}},
+    {"method": "della_linear", "parameters": {"density": 0.5, "epsilon": 0.1}},
+    {"method": "model_stock"},
+    {"method": "regmean"},
+    {"method": "fisher"},
+    {"method": "slta", "label": "SLTA (model)", "parameters": {"granularity": "model"}},
+    {"method": "slta", "label": "SLTA (layer)", "parameters": {"granularity": "layer"}},
+    {"method": "slta", "label": "SLTA (attn/MLP)", "parameters": {"granularity": "attn_mlp"}},
+]
+# SLERP interpolates two models: the base and one fine-tune (the first one), halfway.
+SLERP = {"method": "slerp", "label": "slerp (base-{first}, t=0.5)", "parameters": {"t": 0.5}}
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    store: Path
+    files: list[Path]
+    experiment: str
+
+
+def demo_methods(first_finetune: str) -> list[MethodRun]:
+    """Every registered method: the demo's settings for built-ins, defaults for plugins."""
+    runs = [MethodRun.model_validate(spec) for spec in DEMO_METHODS]
+    slerp = {**SLERP, "label": SLERP["label"].format(first=first_finetune), "finetunes": [first_finetune]}
+    runs.append(MethodRun.model_validate(slerp))
+    covered = {run.method for run in runs}
+    runs += [MethodRun(method=name) for name in method_registry() if name not in covered]
+    return runs
+
+
+def demo_experiment(zoo, name: str = "demo") -> Experiment:
+    finetunes = {
+        task: {"model": str(path), "task": zoo.tasks[task], "calibration": str(zoo.train_data[task])}
+        for task, path in zoo.finetunes.items()
+    }
+    return Experiment.model_validate(
+        {
+            "name": name,
+            "base_model": str(zoo.base),
+            "finetunes": finetunes,
+            "methods": [run.model_dump(exclude_defaults=True) for run in demo_methods(next(iter(finetunes)))],
+            "tasks": list(zoo.tasks.values()),
+            "evaluation": {"apply_chat_template": True, "batch_size": 64},
+        }
+    )
+
+
+def build_demo_zoo(kind: str, root: Path, size: str, show_progress: bool):
+    from harness.zoo import build_smollm2_zoo, build_zoo
+
+    if kind == "toy":
+        return build_zoo(root, size=size, show_progress=show_progress)
+    if kind == "smollm2":
+        return build_smollm2_zoo(root, show_progress=show_progress)
+    raise ConfigError(f"--zoo: unknown zoo {kind!r} (known: toy, smollm2)")
+
+
+def run_demo(out: Path, zoo_kind: str = "toy", size: str = "toy", show_progress: bool = True) -> DemoResult:
+    """Build/reuse the zoo, run every method, evaluate, and write the report under `out`."""
+    from harness.runner import run_experiment
+    from harness.store import ResultStore
+    from reports.commands import write_report
+
+    out = Path(out)
+    zoo = build_demo_zoo(zoo_kind, out / "zoo", size, show_progress)
+    experiment = demo_experiment(zoo, name=f"demo-{zoo_kind}" + ("" if size == "toy" else f"-{size}"))
+    store_path = out / "results.sqlite"
+    with ResultStore(store_path) as store:
+        summary = run_experiment(experiment, store, show_progress=show_progress)
+        if summary.failed:
+            label, task, error = summary.failed[0]
+            raise ConfigError(f"demo: {len(summary.failed)} job(s) failed, first {label} / {task}: {error}")
+        files = write_report(store, experiment.name, out / "report", "all")
+    return DemoResult(out, store_path, files, experiment.name)
