@@ -12,7 +12,7 @@ from rich.table import Table
 
 from harness.errors import ConfigError, HarnessError
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 
@@ -305,3 +305,13 @@ def demo(
     for path in result.files:
         console.print(f"written: {path}")
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
+
+
+
+def _register_subcommands() -> None:
+    from harness.cli_analyze import analyze_app
+
+    app.add_typer(analyze_app, name="analyze")
+
+
+_register_subcommands()

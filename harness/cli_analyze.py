@@ -1,0 +1,97 @@
+"""`merge-harness analyze ...`: the diagnostics of harness/diagnostics on an experiment's models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from harness.errors import ConfigError
+
+console = Console(soft_wrap=True)
+TEMPLATE = typer.Option(
+    "chat", "--template", help="chat | fastchat | plain: how the fine-tunes saw their data."
+)
+
+
+analyze_app = typer.Typer(help="Diagnostics: why a merge works (linearity, disentanglement, search).")
+
+
+def experiment_models(path: Path) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(base, {fine-tune: model}, {fine-tune: calibration data}) of an experiment YAML."""
+    from harness.experiment import load_experiment
+
+    experiment = load_experiment(path)
+    missing = [name for name, ft in experiment.finetunes.items() if not ft.calibration]
+    if missing:
+        raise ConfigError(f"{path}: finetunes {missing} need `calibration:` data (a train JSONL or task)")
+    models = {name: ft.model for name, ft in experiment.finetunes.items()}
+    data = {name: ft.calibration for name, ft in experiment.finetunes.items()}
+    return experiment.base_model, models, data
+
+
+def print_written(files) -> None:
+    for path in files:
+        console.print(f"written: {path}")
+
+
+@analyze_app.command("linearity")
+def analyze_linearity(
+    experiment_file: Path = typer.Argument(..., help="Experiment YAML (base, fine-tunes, calibration)."),
+    out: Path = typer.Option(Path("diagnostics"), "--out"),
+    num_samples: int = typer.Option(16, "--num-samples", help="Calibration examples per task."),
+    template: str = TEMPLATE,
+) -> None:
+    """Non-linearity of decoder layers, attention and MLP blocks vs the whole model, per task."""
+    from harness.diagnostics.data import DataSettings
+    from harness.diagnostics.linearity import linearity_report
+
+    base, models, data = experiment_models(experiment_file)
+    _, files = linearity_report(
+        base, models, data, out, data=DataSettings(num_samples=num_samples, template=template)
+    )
+    print_written(files)
+
+
+@analyze_app.command("disentanglement")
+def analyze_disentanglement(
+    experiment_file: Path = typer.Argument(..., help="Experiment YAML (base, fine-tunes, calibration)."),
+    compare: list[Path] = typer.Option([], "--compare", help="Experiments with other fine-tunes."),
+    out: Path = typer.Option(Path("diagnostics"), "--out"),
+    num_samples: int = typer.Option(16, "--num-samples"),
+    template: str = TEMPLATE,
+) -> None:
+    """Weight disentanglement error between task pairs over an alpha grid (heatmaps)."""
+    from harness.diagnostics.data import DataSettings
+    from harness.diagnostics.disentanglement import disentanglement_report
+
+    base, models, data = experiment_models(experiment_file)
+    variants = {experiment_file.stem: models}
+    for other in compare:
+        variants[other.stem] = experiment_models(other)[1]
+    _, files = disentanglement_report(
+        base, variants, data, out, data=DataSettings(num_samples=num_samples, template=template)
+    )
+    print_written(files)
+
+
+@analyze_app.command("search")
+def analyze_search(
+    experiment_file: Path = typer.Argument(..., help="Experiment YAML (base, fine-tunes, train data)."),
+    method: str = typer.Option("task_arithmetic", "--method"),
+    parameter: str = typer.Option("lambda", "--parameter"),
+    held_out_fraction: float = typer.Option(0.2, "--held-out", help="Part of each train file held out."),
+    out: Path = typer.Option(Path("diagnostics"), "--out"),
+    template: str = TEMPLATE,
+) -> None:
+    """Grid-search a method's scalar parameter on held-out TRAIN data (never the test split)."""
+    from harness.diagnostics.data import DataSettings
+    from harness.diagnostics.search import SearchSpec, search_report
+
+    base, models, data = experiment_models(experiment_file)
+    spec = SearchSpec(method=method, parameter=parameter)
+    settings = DataSettings(held_out_fraction=held_out_fraction, template=template)
+    result, files = search_report(base, models, data, out, spec=spec, data=settings)
+    console.print(f"chosen {parameter} = {result.chosen} (score {result.best_score:.4g})")
+    print_written(files)

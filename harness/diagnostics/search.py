@@ -1,0 +1,215 @@
+"""Coefficient search: pick a merge method's scalar parameter on held-out *train* data.
+
+The protocol of Ilharco et al. (2023), followed by Jin et al. (ICLR 2025, seed 002): evaluate
+task arithmetic's scaling coefficient on the grid {0.0, 0.05, ..., 1.0} and keep the value with
+the highest target metric on a small held-out part of the training data, never on the test
+split. Any scalar parameter of any registered method can be searched the same way (TIES's
+`density`, DARE's `lambda`, ...): each grid value is merged in memory (`merge_state_dict`) and
+scored.
+
+Score of a merged model on task t: the chosen `metric` (`harness.diagnostics.data`) on N
+examples of task t's held-out data, computed from the logits (no lm-eval, no generation):
+`log_likelihood` (default; mean log-probability per answer token, smooth even on a few
+examples) or `exact_match` (teacher-forced: every answer token is the greedy prediction).
+Selection maximises the unweighted mean over tasks; ties go to the smallest value.
+
+Before a single row is read, `harness.diagnostics.splits.check_selection_data` refuses every
+source that is (or looks like) test data, calibration sources included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from harness.config import MergeConfig
+from harness.diagnostics.data import METRICS, AnswerBatch, DataSettings, answer_batch, answer_scores
+from harness.diagnostics.splits import check_selection_data
+from harness.engine import merge_state_dict
+from harness.errors import ConfigError
+from harness.models import build_model, load_tokenizer
+
+DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What to search: `parameter` of `method` over `grid`, the other parameters `fixed`."""
+
+    method: str = "task_arithmetic"
+    parameter: str = "lambda"
+    grid: tuple[float, ...] = DEFAULT_GRID
+    metric: str = "log_likelihood"
+    fixed: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, str] = field(default_factory=dict)  # task -> source, for slta/regmean/fisher
+
+
+@dataclass(frozen=True)
+class SearchPoint:
+    value: float
+    scores: dict[str, float]  # task -> metric on its held-out data
+    mean: float
+
+
+@dataclass(frozen=True)
+class CoefficientSearch:
+    """The outcome, to store with the merge result: the chosen value, the curve, the data used."""
+
+    method: str
+    parameter: str
+    metric: str
+    chosen: float
+    best_score: float
+    curve: tuple[SearchPoint, ...]
+    selection_data: dict[str, str]  # task -> held-out source (train split)
+    data: DataSettings
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-safe dict (e.g. for the result store)."""
+        record = asdict(self)
+        record["curve"] = [asdict(point) for point in self.curve]
+        return record
+
+    def frame(self) -> pd.DataFrame:
+        """Long form: value, task (and 'mean'), score."""
+        rows = [{"value": p.value, "task": t, "score": s} for p in self.curve for t, s in p.scores.items()]
+        rows += [{"value": p.value, "task": "mean", "score": p.mean} for p in self.curve]
+        return pd.DataFrame(rows)
+
+
+def grid_search(
+    score: Callable[[float], Mapping[str, float]], grid: Sequence[float]
+) -> tuple[float, list[SearchPoint]]:
+    """Score every grid value ({task: metric}); the value with the best mean (ties: smallest)."""
+    curve = []
+    for value in sorted(grid):
+        scores = dict(score(value))
+        curve.append(SearchPoint(float(value), scores, sum(scores.values()) / len(scores)))
+    best = max(curve, key=lambda p: (p.mean, -p.value))
+    return best.value, curve
+
+
+def held_out_score(model, batch: AnswerBatch, metric: str, batch_size: int = 8) -> float:
+    """The metric of `model` on a task's held-out batch (see the module docstring)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in batch.chunks(batch_size):
+            out = model(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, use_cache=False)
+            value, n = answer_scores(out.logits, chunk)[metric]
+            total, count = total + value, count + n
+    return total / max(count, 1)
+
+
+def merge_config(
+    base,
+    finetunes: Mapping[str, str | Path],
+    spec: SearchSpec,
+    value: float,
+    data: DataSettings = DataSettings(),
+) -> MergeConfig:
+    """The merge at one grid value (calibrated methods get `spec.calibration`, rendered like `data`)."""
+    models = [
+        {
+            "model": str(path),
+            **({"calibration": str(spec.calibration[task])} if task in spec.calibration else {}),
+        }
+        for task, path in finetunes.items()
+    ]
+    calibration = {"template": data.template, "max_length": data.max_length, "batch_size": data.batch_size}
+    return MergeConfig(
+        method=spec.method,
+        base_model=str(base),
+        models=models,
+        parameters={**spec.fixed, spec.parameter: value},
+        calibration=calibration,
+    )
+
+
+def search_coefficient(
+    base: str | Path,
+    finetunes: Mapping[str, str | Path],
+    held_out: Mapping[str, str | Path],
+    spec: SearchSpec = SearchSpec(),
+    data: DataSettings = DataSettings(),
+    forbidden: Sequence[str | Path] = (),
+) -> CoefficientSearch:
+    """Grid-search `spec.parameter`; held_out: task -> held-out train data (JSONL or task name).
+
+    `forbidden`: evaluation files to refuse besides the built-in rules (e.g. a zoo's test_data).
+    """
+    if spec.metric not in METRICS:
+        raise ConfigError(f"search metric {spec.metric!r} is not one of {', '.join(METRICS)}")
+    missing = sorted(set(finetunes) - set(held_out))
+    if missing:
+        raise ConfigError(f"held-out data missing for task(s) {missing}")
+    check_selection_data([*(held_out[t] for t in finetunes), *spec.calibration.values()], forbidden)
+    tokenizer = load_tokenizer(base)
+    batches = {task: answer_batch(held_out[task], tokenizer, data) for task in finetunes}
+
+    def score(value: float) -> dict[str, float]:
+        outcome = merge_state_dict(merge_config(base, finetunes, spec, value, data))
+        model = build_model(outcome.model_config, outcome.state)
+        return {
+            task: held_out_score(model, batch, spec.metric, data.batch_size)
+            for task, batch in batches.items()
+        }
+
+    chosen, curve = grid_search(score, spec.grid)
+    best = next(p.mean for p in curve if p.value == chosen)
+    return CoefficientSearch(
+        spec.method,
+        spec.parameter,
+        spec.metric,
+        chosen,
+        best,
+        tuple(curve),
+        {t: str(held_out[t]) for t in finetunes},
+        data,
+    )
+
+
+def search_figure(result: CoefficientSearch) -> Figure:
+    """The held-out metric against the searched value: a line per task, the mean bold, the pick marked."""
+    frame = result.frame()
+    fig = Figure(figsize=(5.0, 3.4), dpi=100)
+    ax = fig.add_subplot()
+    for task, rows in frame.groupby("task", sort=False):
+        style = {"color": "black", "linewidth": 2.2} if task == "mean" else {"alpha": 0.8}
+        ax.plot(rows["value"], rows["score"], marker=".", label=str(task), **style)
+    ax.axvline(result.chosen, color="grey", linestyle="--", label=f"chosen {result.chosen:g}")
+    ax.set_xlabel(result.parameter)
+    ax.set_ylabel(f"held-out {result.metric}")
+    ax.set_title(f"{result.method}: {result.parameter} on held-out train data", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def search_report(
+    base: str | Path,
+    finetunes: Mapping[str, str | Path],
+    held_out: Mapping[str, str | Path],
+    out_dir: str | Path,
+    spec: SearchSpec = SearchSpec(),
+    data: DataSettings = DataSettings(),
+    forbidden: Sequence[str | Path] = (),
+) -> tuple[CoefficientSearch, list[Path]]:
+    """`merge-harness analyze search`: the result, and search.json, search.csv, the plot (PNG+SVG)."""
+    import json
+
+    from reports.plots import save
+
+    result = search_coefficient(base, finetunes, held_out, spec, data, forbidden)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps(result.to_record(), indent=2) + "\n")
+    result.frame().to_csv(out / "search.csv", index=False)
+    paths, _ = save(search_figure(result), out / "search")
+    return result, [out / "search.json", out / "search.csv", *paths]
