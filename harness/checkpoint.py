@@ -15,9 +15,9 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from harness.errors import CheckpointError
 
@@ -60,6 +60,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = -1  # absolute byte offset of the data in a safetensors file (-1: not one)
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +86,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read safetensors header: {exc}") from exc
     header.pop("__metadata__", None)
     data_size = size - 8 - header_len
+    data_start = 8 + header_len
     infos = {}
     for name, entry in header.items():
         if entry["dtype"] not in DTYPE_NAMES:
@@ -96,7 +98,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"but only {data_size} bytes are present"
             )
         dtype = DTYPE_NAMES[entry["dtype"]]
-        infos[name] = TensorInfo(name, tuple(entry["shape"]), dtype, path)
+        infos[name] = TensorInfo(name, tuple(entry["shape"]), dtype, path, data_start + begin)
     return infos
 
 
@@ -107,7 +109,7 @@ class Checkpoint:
         self.path = path
         self.config = config
         self.tensors = tensors
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, BinaryIO] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -122,22 +124,35 @@ class Checkpoint:
         return str(archs[0])
 
     def read(self, name: str) -> torch.Tensor:
-        """Load one tensor (memory-mapped; copy it before modifying in place)."""
+        """Load one tensor into its own memory.
+
+        Safetensors data is read with plain file reads, not through a memory map: pages of a
+        mapped file count towards the process's resident memory for as long as the map lives,
+        so mapping every input would make peak memory the size of all models, not one tensor.
+        """
         try:
             info = self.tensors[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
         if info.file.suffix == ".bin":
             return _bin_state(info.file)[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
         handle = self._handles.get(info.file)
         if handle is None:
             try:
-                handle = self._handles[info.file] = safe_open(str(info.file), "pt", device="cpu")
-            except Exception as exc:
+                handle = self._handles[info.file] = info.file.open("rb", buffering=0)
+            except OSError as exc:
                 raise CheckpointError(f"{info.file}: cannot open: {exc}") from exc
-        return handle.get_tensor(name)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch's allocator aligns for SIMD kernels
+        handle.seek(info.offset)
+        if handle.readinto(memoryview(raw.numpy())) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        return raw.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 

@@ -135,14 +135,20 @@ def open_store(path: str | None):
     return ResultStore(path or DEFAULT_STORE_PATH)
 
 
+def format_cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
 def print_frame(frame, title: str) -> None:
     """A results DataFrame as a rich table (rows = models, columns = task metrics)."""
     table = Table(title=title)
-    table.add_column("model", style="bold")
+    table.add_column("model", style="bold", no_wrap=True)
     for column in frame.columns:
         table.add_column(str(column), justify="right")
     for label, row in frame.iterrows():
-        table.add_row(str(label), *("-" if v != v else f"{v:.4g}" for v in row))
+        table.add_row(str(label), *(format_cell(v) for v in row))
     console.print(table)
 
 
@@ -286,21 +292,27 @@ def demo(
     zoo: str = typer.Option("toy", "--zoo", help="toy (a tiny model built here) or smollm2 (real 135M)."),
     out: Path = typer.Option(Path("demo-out"), "--out", help="Where the zoo, store and report go."),
     size: str = typer.Option("toy", "--size", help="Toy zoo size: toy (the demo) or ci (seconds)."),
+    zoo_dir: Path = typer.Option(None, "--zoo-dir", help="Zoo cache (default ~/.cache/merge-harness/zoo)."),
+    limit: int = typer.Option(None, "--limit", help="Examples per task (default: all)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """The offline demo: build a model zoo, merge with every method, evaluate, report."""
     import time
 
-    from harness.demo import run_demo
+    from harness.demo import ZOO_CACHE, run_demo
     from reports.frame import comparison_frame
 
     start = time.perf_counter()
-    result = run_demo(out, zoo, size, show_progress=not quiet)
+    result = run_demo(out, zoo, size, not quiet, zoo_dir or ZOO_CACHE, limit)
     from harness.store import ResultStore
 
     with ResultStore(result.store) as store:
         frame = comparison_frame(store, result.experiment)
-    print_frame(frame, f"{result.experiment}: scores in points (best merge per task in the report)")
+    hidden = ("kind", "method", "hyper-parameters", "Merge (s)", "Peak RSS (MB)")  # all in the report
+    scores = frame.drop(columns=[c for c in hidden if c in frame.columns])
+    print_frame(scores.round(1), f"{result.experiment}: scores in points (0-100; BLEU for translation)")
+    summary = result.summary
+    console.print(f"{summary.total} jobs: {summary.reused} reused, {summary.computed} computed")
     console.print(f"store: {result.store}")
     for path in result.files:
         console.print(f"written: {path}")

@@ -9,6 +9,7 @@ zoo and every finished job, and only re-renders the report.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from harness.errors import ConfigError
 from harness.experiment import Experiment, MethodRun
 from harness.methods import method_registry
+from harness.runner import RunSummary
 
 # Parameters for the demo's merges; methods not listed run with their defaults if they validate.
 DEMO_METHODS: list[dict[str, Any]] = [
@@ -45,6 +47,7 @@ class DemoResult:
     store: Path
     files: list[Path]
     experiment: str
+    summary: RunSummary
 
 
 def demo_methods(first_finetune: str) -> list[MethodRun]:
@@ -57,7 +60,7 @@ def demo_methods(first_finetune: str) -> list[MethodRun]:
     return runs
 
 
-def demo_experiment(zoo, name: str = "demo") -> Experiment:
+def demo_experiment(zoo, name: str = "demo", limit: int | None = None) -> Experiment:
     finetunes = {
         task: {"model": str(path), "task": zoo.tasks[task], "calibration": str(zoo.train_data[task])}
         for task, path in zoo.finetunes.items()
@@ -69,7 +72,7 @@ def demo_experiment(zoo, name: str = "demo") -> Experiment:
             "finetunes": finetunes,
             "methods": [run.model_dump(exclude_defaults=True) for run in demo_methods(next(iter(finetunes)))],
             "tasks": list(zoo.tasks.values()),
-            "evaluation": {"apply_chat_template": True, "batch_size": 64},
+            "evaluation": {"apply_chat_template": True, "batch_size": 64, "limit": limit},
         }
     )
 
@@ -84,20 +87,37 @@ def build_demo_zoo(kind: str, root: Path, size: str, show_progress: bool):
     raise ConfigError(f"--zoo: unknown zoo {kind!r} (known: toy, smollm2)")
 
 
-def run_demo(out: Path, zoo_kind: str = "toy", size: str = "toy", show_progress: bool = True) -> DemoResult:
-    """Build/reuse the zoo, run every method, evaluate, and write the report under `out`."""
+ZOO_CACHE = Path.home() / ".cache" / "merge-harness" / "zoo"
+
+
+def run_demo(
+    out: Path,
+    zoo_kind: str = "toy",
+    size: str = "toy",
+    show_progress: bool = True,
+    zoo_root: Path = ZOO_CACHE,
+    limit: int | None = None,
+) -> DemoResult:
+    """Build/reuse the zoo, run every method, evaluate, and write the report under `out`.
+
+    The toy zoo's models are tiny: one CPU thread runs them several times faster than two
+    (thread hand-offs cost more than the matrix products), so the toy demo runs single-threaded.
+    """
     from harness.runner import run_experiment
     from harness.store import ResultStore
+    from harness.zoo import single_thread
     from reports.commands import write_report
 
     out = Path(out)
-    zoo = build_demo_zoo(zoo_kind, out / "zoo", size, show_progress)
-    experiment = demo_experiment(zoo, name=f"demo-{zoo_kind}" + ("" if size == "toy" else f"-{size}"))
+    zoo = build_demo_zoo(zoo_kind, zoo_root, size, show_progress)
+    name = f"demo-{zoo_kind}" + ("" if size == "toy" else f"-{size}") + (f"-limit{limit}" if limit else "")
+    experiment = demo_experiment(zoo, name=name, limit=limit)
     store_path = out / "results.sqlite"
-    with ResultStore(store_path) as store:
+    threads = single_thread() if zoo_kind == "toy" else contextlib.nullcontext()
+    with ResultStore(store_path) as store, threads:
         summary = run_experiment(experiment, store, show_progress=show_progress)
         if summary.failed:
             label, task, error = summary.failed[0]
             raise ConfigError(f"demo: {len(summary.failed)} job(s) failed, first {label} / {task}: {error}")
         files = write_report(store, experiment.name, out / "report", "all")
-    return DemoResult(out, store_path, files, experiment.name)
+    return DemoResult(out, store_path, files, experiment.name, summary)

@@ -8,6 +8,7 @@ The executor decides where model jobs run; the driver alone writes the store.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -39,10 +40,8 @@ class RunSummary:
 
 def reset_peak_rss() -> None:
     """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
+    with contextlib.suppress(OSError):  # elsewhere the peak stays the process's lifetime peak
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # elsewhere the peak stays the process's lifetime peak
 
 
 def peak_rss_mb() -> float:

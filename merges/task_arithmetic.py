@@ -150,7 +150,7 @@ def generalized_task_arithmetic(
             merged /= total if total.abs() >= 1e-8 else 1.0
     if params.lambda_ != 1:
         merged *= params.lambda_
-    return base.to(merged.dtype) + merged
+    return merged.add_(base)  # in place: one tensor less at peak
 
 
 def _entry(name, description, paper, params, model_params, sparsifier, consensus, random_=False):
