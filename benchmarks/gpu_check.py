@@ -47,7 +47,8 @@ def timed_eval(model, tokenizer_dir, settings: EvalSettings) -> dict:
     start = time.perf_counter()
     report = evaluate(model, tokenizer_dir, TASKS, settings)
     seconds = time.perf_counter() - start
-    examples = sum(s.samples or 0 for s in report.scores if s.metric in ("exact_match,strict-match", "pass@1"))
+    counted = ("exact_match,strict-match", "pass@1")
+    examples = sum(s.samples or 0 for s in report.scores if s.metric in counted)
     return {
         "seconds": seconds,
         "examples_per_second": examples / seconds if seconds else None,
