@@ -123,13 +123,25 @@ def default_catalog() -> TaskCatalog:
     return TaskCatalog()
 
 
+@functools.cache
+def local_catalog() -> TaskCatalog:
+    """Only our task folders: indexed in well under a second."""
+    return TaskCatalog(include_defaults=False)
+
+
+def catalog_for(names: Sequence[str]) -> TaskCatalog:
+    """Our own catalog when it has every task (fast start-up), else lm-eval's full index."""
+    local = local_catalog()
+    return local if names and set(names) <= set(local.names) else default_catalog()
+
+
 def task_manager():
     """The cached lm-eval `TaskManager` that knows lm-eval's tasks and ours."""
     return default_catalog().manager
 
 
 def check_tasks(names: Sequence[str], catalog: TaskCatalog | None = None) -> None:
-    (catalog or default_catalog()).check(names)
+    (catalog or catalog_for(names)).check(names)
 
 
 def evaluate(
@@ -146,7 +158,7 @@ def evaluate(
     """
     import lm_eval
 
-    catalog = catalog or default_catalog()
+    catalog = catalog or catalog_for(tasks)
     catalog.check(tasks)
     start = time.perf_counter()
     scores: list[Score] = []
