@@ -139,3 +139,42 @@ def test_resume_after_sigkill_keeps_and_skips_finished_jobs(chat_zoo, tmp_path):
     assert len(after) == 12
     assert all(after[key] == stamp for key, stamp in before.items())  # kept, not recomputed
     assert f"{len(before)} reused, {12 - len(before)} computed" in result.stdout
+
+
+SIX_TASKS = [
+    "gsm8k_fixture",
+    "winogrande_fixture",
+    "cosmos_qa_fixture",
+    "ropes_fixture",
+    "humaneval_sandboxed_fixture",
+    "wmt22_zh_en_fixture",
+]
+
+
+def test_two_merges_on_all_six_fixture_tasks_land_in_sqlite(chat_zoo, tmp_path):
+    methods = "  - method: task_arithmetic\n    parameters: {lambda: 0.5}\n  - method: ties\n"
+    path = write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite", methods)
+    experiment = load_experiment(path).model_copy(update={"baselines": False, "tasks": SIX_TASKS})
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        summary = run_experiment(experiment, store, show_progress=False)
+        assert (summary.computed, summary.failed) == (12, [])
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "s.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT j.label, s.task, s.metric, s.value FROM scores s JOIN jobs j ON j.key = s.job_key"
+        ).fetchall()
+    assert {(label, task) for label, task, _, _ in rows} == {
+        (label, task) for label in ("task_arithmetic", "ties") for task in SIX_TASKS
+    }
+    metrics = {(task, metric) for _, task, metric, _ in rows}
+    for expected in [
+        ("gsm8k_fixture", "exact_match,strict-match"),
+        ("winogrande_fixture", "acc"),
+        ("cosmos_qa_fixture", "acc"),
+        ("ropes_fixture", "f1"),
+        ("humaneval_sandboxed_fixture", "pass@1"),
+        ("wmt22_zh_en_fixture", "bleu"),
+    ]:
+        assert expected in metrics
+    assert all(value == value for *_, value in rows)  # no NaN

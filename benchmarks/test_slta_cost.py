@@ -1,0 +1,103 @@
+"""SLTA's cost on the real SmolLM2-135M shape: N=30 calibration examples, T=3 fine-tunes.
+
+    .venv/bin/pytest benchmarks/test_slta_cost.py --benchmark-only -q -s
+
+Each merge runs in a child process (`benchmarks/merge_runner.py`) so that its peak RSS is its own.
+SLTA at `layer` and `attn_mlp` granularity is compared with task arithmetic on the same models;
+the forward-pass count comes from the merge's own record (`slta_coefficients.json`). Target:
+SLTA costs no more than one forward of each model per task's calibration set plus the
+task-arithmetic merge.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).parent
+RESULTS = BENCH_DIR / "results" / "slta_cost.json"
+TASKS = ("math", "code", "qa")
+N = 30
+
+smollm2 = pytest.importorskip("harness.smollm2")
+
+
+def perturbed(base: Path, out: Path, seed: int) -> Path:
+    """A stand-in fine-tune: seeded noise on the attention and MLP weights of the real model."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_file(base / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in state.items():
+        if ".self_attn." in name or ".mlp." in name:
+            tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=0.002)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    for extra in base.iterdir():
+        if extra.suffix in {".json", ".jinja"}:
+            (out / extra.name).write_bytes(extra.read_bytes())
+    return out
+
+
+def calibration_file(root: Path, task: str) -> Path:
+    import random
+
+    from harness.toytasks import GENERATORS  # the toy zoo's synthetic task generators (prompt/response)
+
+    path = root / f"{task}.jsonl"
+    if not path.exists():
+        rng = random.Random(1)
+        path.write_text("".join(json.dumps(GENERATORS[task](rng)) + "\n" for _ in range(N * 2)))
+    return path
+
+
+def run_child(config: dict, out: Path) -> dict:
+    config_file = out.with_suffix(".json")
+    config_file.write_text(json.dumps(config))
+    command = [sys.executable, str(BENCH_DIR / "merge_runner.py"), "ours", str(config_file), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_slta_cost_vs_task_arithmetic(benchmark, tmp_path_factory):
+    root = BENCH_DIR / ".cache" / "slta-smollm2"
+    base = smollm2.convert_smollm2()
+    models = [perturbed(base, root / f"ft_{task}", seed) for seed, task in enumerate(TASKS, 1)]
+    entries = [
+        {"model": str(model), "calibration": str(calibration_file(root, task))}
+        for model, task in zip(models, TASKS)
+    ]
+    out = tmp_path_factory.mktemp("slta")
+    rows = {}
+    for label, method, params in (
+        ("task_arithmetic", "task_arithmetic", {"lambda": 0.5}),
+        ("slta layer", "slta", {"granularity": "layer", "num_samples": N}),
+        ("slta attn_mlp", "slta", {"granularity": "attn_mlp", "num_samples": N}),
+    ):
+        config = {
+            "method": method,
+            "base_model": str(base),
+            "models": entries,
+            "parameters": params,
+            "calibration": {"template": "chat", "max_length": 256},
+        }
+        target = out / label.replace(" ", "_")
+        rows[label] = run_child(config, target)
+        record = target / "slta_coefficients.json"
+        if record.exists():
+            rows[label]["forward_passes"] = json.loads(record.read_text())["forward_passes"]
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    print(json.dumps(rows, indent=2))
+    benchmark.extra_info.update({k: v["merge_s"] for k, v in rows.items()})
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    for label in ("slta layer", "slta attn_mlp"):
+        passes = rows[label]["forward_passes"]
+        assert all(count <= 1.0 + 1e-9 for count in passes.values()), passes
