@@ -21,7 +21,7 @@ import torch
 
 BENCH_DIR = Path(__file__).parent
 RESULTS = BENCH_DIR / "results" / "slta_cost.json"
-TASKS = ("math", "code", "qa")
+TASKS = ("math", "code", "qa")  # toy task generators standing in for the paper's data
 N = 30
 
 smollm2 = pytest.importorskip("harness.smollm2")
@@ -47,14 +47,11 @@ def perturbed(base: Path, out: Path, seed: int) -> Path:
 
 
 def calibration_file(root: Path, task: str) -> Path:
-    import random
+    from harness.toytasks import train_pairs  # the toy zoo's synthetic prompt/response pairs
 
-    from harness.toytasks import GENERATORS  # the toy zoo's synthetic task generators (prompt/response)
-
-    path = root / f"{task}.jsonl"
+    path = root / f"{task}_pairs.jsonl"
     if not path.exists():
-        rng = random.Random(1)
-        path.write_text("".join(json.dumps(GENERATORS[task](rng)) + "\n" for _ in range(N * 2)))
+        path.write_text("".join(json.dumps(pair) + "\n" for pair in train_pairs(task, N * 2, seed=1)))
     return path
 
 
