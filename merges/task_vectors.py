@@ -48,7 +48,7 @@ def disjoint_merge(
     """
     merged = (weighted_deltas * mask).sum(dim=0)
     if normalize:
-        divisor = (weights * mask).sum(dim=0)
+        divisor = torch.tensordot(weights.reshape(-1), mask.to(weights.dtype), dims=1)  # sum_t w_t m_t
         divisor[divisor == 0] = 1
         merged /= divisor
     return merged
