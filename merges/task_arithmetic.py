@@ -37,7 +37,7 @@ from merges.sparsify import (
     sparsify_outliers,
     sparsify_random,
 )
-from merges.task_vectors import broadcast_weights, disjoint_merge, elect_sign, task_vectors
+from merges.task_vectors import broadcast_weights, disjoint_merge, elect_sign, task_vectors, weighted_task_sum
 
 # ------------------------------------------------------------------------------------ parameters
 
@@ -131,6 +131,8 @@ def generalized_task_arithmetic(
     recipe: Recipe,
 ) -> torch.Tensor:
     assert base is not None
+    if recipe.sparsifier is None and recipe.consensus is None:
+        return _task_arithmetic(base, tensors, [p.weight for p in model_params], params)
     deltas = task_vectors(base, tensors)  # (T, *S)
     if recipe.sparsifier is not None:
         for index, p in enumerate(model_params):
@@ -151,6 +153,19 @@ def generalized_task_arithmetic(
     if params.lambda_ != 1:
         merged *= params.lambda_
     return merged.add_(base)  # in place: one tensor less at peak
+
+
+def _task_arithmetic(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: list[float], params: TaskArithmeticParams
+) -> torch.Tensor:
+    """The plain case, streamed: no (T, *S) stack of task vectors is built."""
+    merged = weighted_task_sum(base, tensors, weights)
+    if params.normalize:
+        total = sum(weights)
+        merged /= total if abs(total) >= 1e-8 else 1.0
+    if params.lambda_ != 1:
+        merged *= params.lambda_
+    return merged.add_(base)
 
 
 def _entry(name, description, paper, params, model_params, sparsifier, consensus, random_=False):

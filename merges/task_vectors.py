@@ -21,6 +21,23 @@ def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.T
     return deltas
 
 
+def weighted_task_sum(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
+    """sum_t w_t (theta_t - theta_0) with one scratch tensor instead of a (T, *S) stack.
+
+    Plain task arithmetic needs no per-task view of the task vectors, so it keeps peak memory at
+    the inputs plus two tensors.
+    """
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    base = base.to(dtype)
+    total, scratch = torch.zeros_like(base), torch.empty_like(base)
+    for tensor, weight in zip(tensors, weights):
+        torch.sub(tensor.to(dtype), base, out=scratch)
+        total.add_(scratch, alpha=weight)
+    return total
+
+
 def broadcast_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-task scalars shaped (T, 1, ..., 1) to multiply a (T, *S) stack."""
     w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)

@@ -1,0 +1,131 @@
+"""Our streaming engine vs mergekit: wall time and peak RSS merging a 135M Llama (base + 3).
+
+Every merge runs in its own child process (`merge_runner.py`), so each peak RSS belongs to one
+merge. Within a round mergekit runs first (pytest-benchmark's untimed `setup`) and ours right
+after it (the timed `target`), so each pair sees about the same machine load; the reported time
+ratio is the median over rounds of ours / mergekit within a pair. pytest-benchmark's own stats
+time our whole child process (interpreter start and imports included); the table uses the merge
+time each child measures itself, for both engines.
+
+    .venv/bin/pytest benchmarks/test_merge_speed.py --benchmark-only -q    # or: tox -e bench
+
+Rounds: 3 for task_arithmetic, 2 for ties and dare_ties (mergekit needs ~1.5-2 min per sparsified
+merge here); MERGE_BENCH_ROUNDS=N sets every method to N. MERGE_BENCH_THREADS=N runs both engines
+with N torch threads (default: torch's, one per core); on a shared machine N=1 gives steadier
+figures, because a 2-thread merge stalls whenever another process holds one of the cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).with_name("merge_runner.py")
+ROOT = RUNNER.parent.parent
+WEIGHTS = (0.3, 0.5, 0.7)
+
+# method -> (top-level parameters, per-model parameters), in mergekit's config format.
+CASES = {
+    "task_arithmetic": ({"lambda": 1.0}, [{"weight": w} for w in WEIGHTS]),
+    "ties": ({}, [{"weight": w, "density": 0.5} for w in WEIGHTS]),
+    "dare_ties": ({}, [{"weight": w, "density": 0.5} for w in WEIGHTS]),
+}
+THREADS = os.environ.get("MERGE_BENCH_THREADS")
+ROUNDS = {"task_arithmetic": 3, "ties": 2, "dare_ties": 2}
+if os.environ.get("MERGE_BENCH_ROUNDS"):
+    ROUNDS = dict.fromkeys(ROUNDS, int(os.environ["MERGE_BENCH_ROUNDS"]))
+# From the issue: ours / mergekit must stay at or under these (None: no target set).
+TARGETS = {
+    "task_arithmetic": {"time": 0.6, "rss": 0.35},
+    "ties": {"time": 0.25, "rss": None},
+    "dare_ties": {"time": None, "rss": None},
+}
+
+
+def mergekit_config(method: str, zoo: dict[str, Path]) -> dict:
+    params, per_model = CASES[method]
+    models = [{"model": str(zoo[f"ft{i}"]), "parameters": p} for i, p in enumerate(per_model)]
+    return {
+        "merge_method": method,
+        "base_model": str(zoo["base"]),
+        "models": models,
+        "parameters": params,
+        "dtype": "float32",
+    }
+
+
+def run_child(engine: str, config_file: Path, out_dir: Path) -> dict:
+    """One merge in a fresh interpreter; returns the runner's JSON line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(RUNNER), engine, str(config_file), str(out_dir)]
+    if THREADS:
+        command += ["--threads", THREADS]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{engine} merge failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    shutil.rmtree(out_dir, ignore_errors=True)  # ~540 MB per output; keep the disk free
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(method: str, runs: dict[str, list[dict]]) -> dict:
+    """Medians per engine; ratios as the median of the per-round (paired) ratios."""
+    ours, theirs = runs["ours"], runs["mergekit"]
+
+    def median(rows: list[dict], key: str) -> float:
+        return statistics.median(row[key] for row in rows)
+
+    def paired(key: str) -> float:
+        return statistics.median(a[key] / b[key] for a, b in zip(ours, theirs))
+
+    row = {
+        "method": method,
+        "rounds": len(ours),
+        "ours_s": median(ours, "merge_s"),
+        "mergekit_s": median(theirs, "merge_s"),
+        "time_ratio": round(paired("merge_s"), 3),
+        "time_target": TARGETS[method]["time"],
+        "ours_cpu_s": median(ours, "cpu_s"),
+        "mergekit_cpu_s": median(theirs, "cpu_s"),
+        "cpu_ratio": round(paired("cpu_s"), 3),
+        "ours_peak_rss_mb": median(ours, "peak_rss_mb"),
+        "mergekit_peak_rss_mb": median(theirs, "peak_rss_mb"),
+        "rss_ratio": round(paired("peak_rss_mb"), 3),
+        "rss_target": TARGETS[method]["rss"],
+        "ours_rss_after_import_mb": median(ours, "rss_after_import_mb"),
+        "mergekit_rss_after_import_mb": median(theirs, "rss_after_import_mb"),
+        "ours_import_s": median(ours, "import_s"),
+        "mergekit_import_s": median(theirs, "import_s"),
+        "threads": ours[0]["threads"],
+        "load_1min_median": statistics.median(r["load_1min"] for r in ours + theirs),
+        "runs": runs,
+    }
+    for kind, ratio in (("time", row["time_ratio"]), ("rss", row["rss_ratio"])):
+        target = TARGETS[method][kind]
+        row[f"{kind}_target_met"] = None if target is None else ratio <= target
+    return row
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_merge_speed(benchmark, method, zoo_135m, merge_results, tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(mergekit_config(method, zoo_135m), indent=2))
+    runs: dict[str, list[dict]] = {"ours": [], "mergekit": []}
+
+    def mergekit_round() -> None:  # untimed by pytest-benchmark; timed inside the child
+        runs["mergekit"].append(run_child("mergekit", config_file, tmp_path / "mergekit"))
+
+    def ours_round() -> None:
+        runs["ours"].append(run_child("ours", config_file, tmp_path / "ours"))
+
+    benchmark.group = f"merge {method} (135M, base + 3)"
+    benchmark.pedantic(ours_round, setup=mergekit_round, rounds=ROUNDS[method], iterations=1)
+    row = summarize(method, runs)
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "runs"})
+    merge_results.add(row)
