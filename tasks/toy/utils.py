@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-PAIR, SOURCE, TARGET = "toy-en", "toy", "en"
-PROMPT = "Translate this from Toy to English:\nToy: {source}\nEnglish:"
+from tasks.wmt22_zh_en.utils import translation_prompt, translation_task
 
-
-def doc_to_text(doc: dict) -> str:
-    return PROMPT.format(source=doc[PAIR][SOURCE])
-
-
-def doc_to_target(doc: dict) -> str:
-    return doc[PAIR][TARGET]
-
-
-def process_results(doc: dict, results: list[str]) -> dict[str, tuple[str, str]]:
-    pair = (doc_to_target(doc), results[0].strip())
-    return {"bleu": pair, "chrf": pair}
+PROMPT = translation_prompt("Toy")
+doc_to_text, doc_to_target, process_results = translation_task("toy-en", "Toy")
