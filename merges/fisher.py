@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from merges.base import MergeMethod
-from merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge
+from merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, average
 
 
 class FisherParams(CalibratedParams):
@@ -63,7 +63,7 @@ def merge_fisher(inputs: CalibrationInputs, params: FisherParams) -> ModelMerge:
         total = denominator.pop(name)
         merged = numerator.pop(name) / torch.where(total > 0, total, 1.0)
         if not bool((total > 0).all()):  # eps = 0 and no gradient anywhere: the plain mean
-            plain = torch.stack([inputs.read(k, name) for k in range(count)]).mean(dim=0)
+            plain = average([inputs.read(k, name) for k in range(count)])
             merged = torch.where(total > 0, merged, plain)
         state[name] = merged
     return ModelMerge(state)

@@ -16,7 +16,7 @@ Indices: fine-tune k (= task k, 0-based, config order); `None` is the base model
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -112,3 +112,8 @@ class ModelMerge:
 
     state: dict[str, torch.Tensor]
     coefficients: list[Coefficient] = field(default_factory=list)
+
+
+def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The plain element-wise mean of the fine-tunes (what data-driven methods fall back to)."""
+    return torch.stack(list(tensors)).mean(dim=0)

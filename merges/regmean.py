@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from merges.base import MergeMethod
-from merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge
+from merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, average
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ def regmean_linear(
         logger.warning("regmean: Gram sum of %s is singular; using its pseudo-inverse", name or "a layer")
         solution = torch.linalg.pinv(lhs) @ rhs
     return solution.T.to(weights[0].dtype)
-
-
-def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(list(tensors)).mean(dim=0)
 
 
 def merge_regmean(inputs: CalibrationInputs, params: RegMeanParams) -> ModelMerge:
