@@ -20,6 +20,7 @@ class HarnessApp(typer.Typer):
     """A Typer app that turns `HarnessError`s into one-line messages and exit code 2."""
 
     debug = False
+    threads: int | None = None  # the global --threads option, for commands that pick their own default
 
     def __call__(self, *args, **kwargs):
         try:
@@ -41,8 +42,18 @@ app = HarnessApp(
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="torch CPU threads for the whole command (default: torch's choice)."
+    ),
+) -> None:
     HarnessApp.debug = debug
+    HarnessApp.threads = threads
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def parse_size(text: str) -> int:
@@ -303,7 +314,7 @@ def demo(
     from reports.frame import comparison_frame
 
     start = time.perf_counter()
-    result = run_demo(out, zoo, size, not quiet, zoo_dir or ZOO_CACHE, limit)
+    result = run_demo(out, zoo, size, not quiet, zoo_dir or ZOO_CACHE, limit, HarnessApp.threads)
     from harness.store import ResultStore
 
     with ResultStore(result.store) as store:
@@ -317,7 +328,6 @@ def demo(
     for path in result.files:
         console.print(f"written: {path}")
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
-
 
 
 def _register_subcommands() -> None:

@@ -9,7 +9,6 @@ zoo and every finished job, and only re-renders the report.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,15 +96,16 @@ def run_demo(
     show_progress: bool = True,
     zoo_root: Path = ZOO_CACHE,
     limit: int | None = None,
+    threads: int | None = None,
 ) -> DemoResult:
     """Build/reuse the zoo, run every method, evaluate, and write the report under `out`.
 
-    The toy zoo's models are tiny: one CPU thread runs them several times faster than two
-    (thread hand-offs cost more than the matrix products), so the toy demo runs single-threaded.
+    `threads`: torch CPU threads; by default one for the toy zoo (its tiny models run several
+    times faster on one thread than on two) and torch's own choice for SmolLM2.
     """
+    from harness.models import torch_threads
     from harness.runner import run_experiment
     from harness.store import ResultStore
-    from harness.zoo import single_thread
     from reports.commands import write_report
 
     out = Path(out)
@@ -113,8 +113,9 @@ def run_demo(
     name = f"demo-{zoo_kind}" + ("" if size == "toy" else f"-{size}") + (f"-limit{limit}" if limit else "")
     experiment = demo_experiment(zoo, name=name, limit=limit)
     store_path = out / "results.sqlite"
-    threads = single_thread() if zoo_kind == "toy" else contextlib.nullcontext()
-    with ResultStore(store_path) as store, threads:
+    if threads is None and zoo_kind == "toy":
+        threads = 1
+    with ResultStore(store_path) as store, torch_threads(threads):
         summary = run_experiment(experiment, store, show_progress=show_progress)
         if summary.failed:
             label, task, error = summary.failed[0]

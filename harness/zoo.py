@@ -33,8 +33,6 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from harness.calibration import Example
 from harness.checkpoint import replace_dir
 from harness.errors import ConfigError
 from harness.finetune import TrainingSettings, render, save_model, train
+from harness.models import torch_threads
 from harness.toytasks import LMEVAL_TASKS, TASKS, documents, fixture_path, general_pairs, train_pairs
 
 ZOO_VERSION = 1  # bump when anything that changes the weights changes
@@ -150,7 +149,7 @@ def build_zoo(root: str | Path, *, size: str = "toy", seed: int = 0, show_progre
     tmp = out.parent / f".{out.name}.tmp-build"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with single_thread():
+        with torch_threads(1):  # weights independent of the core count
             record = _build(tmp, SIZES[size], seed, show_progress)
         (tmp / "zoo.json").write_text(json.dumps({"spec": spec, **record}, indent=2))
         replace_dir(tmp, out)
@@ -158,20 +157,6 @@ def build_zoo(root: str | Path, *, size: str = "toy", seed: int = 0, show_progre
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Zoo.at(out)
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Train on one CPU thread: tiny matrices gain nothing from more (and lose a lot on a busy
-    machine), and the weights then do not depend on the machine's core count."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _build(out: Path, shape: ZooSize, seed: int, show_progress: bool) -> dict:

@@ -32,6 +32,7 @@ from harness.diagnostics.slta_report import slta_report
 from harness.diagnostics.space import TaskVectorSpace, load_space
 from harness.diagnostics.splits import check_selection_data, held_out_part, refusal_reason
 from harness.errors import ConfigError
+from harness.models import torch_threads
 from tasks.fixtures import FIXTURES_DIR
 from tests.calibrated_zoo import make_zoo
 
@@ -42,10 +43,8 @@ DATA = DataSettings(num_samples=6, template="plain", max_length=32, batch_size=6
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matrices: a second thread only spins against the other jobs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

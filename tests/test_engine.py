@@ -16,6 +16,7 @@ from harness.checkpoint import Checkpoint, read_safetensors_header
 from harness.config import MergeConfig
 from harness.engine import merge_model, merge_state_dict, merge_to_disk, tensor_generator
 from harness.errors import CheckpointError, ConfigError, MethodError
+from harness.models import torch_threads
 from tests.conftest import state_of, write_llama
 
 
@@ -283,6 +284,26 @@ def test_cli_merges_a_mergekit_yaml(tiny_zoo, tmp_path):
     result = cli("merge", str(yaml_file), str(tmp_path / "out"), "--quiet")
     assert result.returncode == 0, result.stderr
     assert {t.dtype for t in state_of(tmp_path / "out").values()} == {torch.float16}
+
+
+def test_global_threads_option_applies_and_is_validated(tiny_zoo, tmp_path):
+    yaml_file = tmp_path / "merge.yaml"
+    yaml_file.write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_zoo['ft0']}\n")
+    assert cli("--threads", "1", "merge", str(yaml_file), str(tmp_path / "out"), "--quiet").returncode == 0
+    refused = cli("--threads", "0", "merge", str(yaml_file), str(tmp_path / "out2"))
+    assert refused.returncode == 2 and "--threads" in refused.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_torch_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be >= 1"), torch_threads(0):
+        pass
 
 
 def test_cli_bad_input_is_one_line_with_exit_code_2(tiny_zoo, tmp_path):

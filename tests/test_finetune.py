@@ -24,8 +24,8 @@ from harness.finetune import (
     token_losses,
     train,
 )
+from harness.models import torch_threads
 from harness.toymodel import FASTCHAT_SYSTEM, tiny_llama, train_tokenizer
-from harness.zoo import single_thread
 from tests.conftest import state_of
 
 PAIRS = [
@@ -41,7 +41,7 @@ MLP = (".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models train fastest on one thread (and much faster on a busy machine)."""
-    with single_thread():
+    with torch_threads(1):
         yield
 
 

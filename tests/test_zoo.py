@@ -11,9 +11,9 @@ import torch
 
 from harness.calibration import Example
 from harness.finetune import answer_loss
-from harness.models import load_pretrained, load_tokenizer
+from harness.models import load_pretrained, load_tokenizer, torch_threads
 from harness.toytasks import TASKS, as_pair, fixture_path, fixture_text, read_test_rows
-from harness.zoo import build_zoo, single_thread
+from harness.zoo import build_zoo
 from tests.conftest import state_of
 
 TEST_ROWS = 20  # per task, for the answer-loss proxy
@@ -39,7 +39,7 @@ def scores(ci_zoo):
     average.load_state_dict({name: sum(s[name] for s in states) / len(states) for name in states[0]})
     models["average"] = average
     table = {}
-    with single_thread():
+    with torch_threads(1):
         for task in TASKS:
             rows = read_test_rows(task)[:TEST_ROWS]
             examples = [Example(**as_pair(task, row)) for row in rows]

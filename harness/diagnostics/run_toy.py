@@ -33,9 +33,9 @@ from harness.diagnostics.search import (
 from harness.diagnostics.slta_report import slta_report
 from harness.diagnostics.tables import markdown_table
 from harness.finetune import TrainingSettings, save_model, train
-from harness.models import load_pretrained, load_tokenizer
+from harness.models import load_pretrained, load_tokenizer, torch_threads
 from harness.toytasks import TASKS, train_pairs
-from harness.zoo import SIZES, Zoo, build_zoo, single_thread, write_pairs
+from harness.zoo import SIZES, Zoo, build_zoo, write_pairs
 
 HELD_OUT = 64
 GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # disentanglement heatmaps
@@ -194,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="full,attn_only,mlp_only")
     parser.add_argument("--zoo-dir", type=Path, help="an already built zoo directory (skips build_zoo)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny models)")
     args = parser.parse_args(argv)
     if "full" not in args.variants.split(","):
         parser.error("--variants must include full (the reference for SLTA and the lambda search)")
-    with single_thread():
+    with torch_threads(args.threads):
         if args.zoo_dir:
             zoo = Zoo.at(args.zoo_dir.expanduser())
         else:
