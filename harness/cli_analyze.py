@@ -95,3 +95,29 @@ def analyze_search(
     result, files = search_report(base, models, data, out, spec=spec, data=settings)
     console.print(f"chosen {parameter} = {result.chosen} (score {result.best_score:.4g})")
     print_written(files)
+
+
+@analyze_app.command("zoo")
+def analyze_zoo(
+    zoo: str = typer.Option("toy", "--zoo", help="toy (a tiny model built here) or smollm2 (real 135M)."),
+    size: str = typer.Option("toy", "--size", help="Toy zoo size: toy or ci (seconds)."),
+    out: Path = typer.Option(Path("diagnostics"), "--out"),
+    zoo_dir: Path = typer.Option(None, "--zoo-dir", help="Zoo cache (default ~/.cache/merge-harness/zoo)."),
+    variants: str = typer.Option(
+        "full,attn_only,mlp_only", "--variants", help="Fine-tune variants (the zoo's own one included)."
+    ),
+) -> None:
+    """Every diagnostic on a demo zoo (full / attention-only / MLP-only fine-tunes) + summary.md."""
+    from dataclasses import replace
+
+    from harness.cli import HarnessApp
+    from harness.demo import ZOO_CACHE, build_demo_zoo
+    from harness.diagnostics.run_zoo import PRESETS, run_zoo_diagnostics
+    from harness.models import torch_threads
+
+    built = build_demo_zoo(zoo, zoo_dir or ZOO_CACHE, size, show_progress=True)
+    plan = replace(PRESETS[zoo], variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+    threads = HarnessApp.threads or (1 if zoo == "toy" else None)  # tiny models: one thread is faster
+    with torch_threads(threads):
+        summary = run_zoo_diagnostics(built, out, plan, log=console.print)
+    console.print(f"written: {summary}")

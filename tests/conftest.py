@@ -59,6 +59,19 @@ def state_of(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
+def ci_zoo(tmp_path_factory):
+    """The demo's toy zoo at size `ci` (built once per session): (zoo, seconds it took)."""
+    import time
+
+    from harness.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("zoos")
+    started = time.perf_counter()
+    zoo = build_zoo(root, size="ci", seed=0, show_progress=False)
+    return zoo, time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     """A base and three fine-tunes of it: {'base', 'ft0', 'ft1', 'ft2'} -> model dirs."""
     root = tmp_path_factory.mktemp("zoo")

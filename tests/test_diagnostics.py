@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch.func import functional_call
@@ -21,6 +22,7 @@ from harness.diagnostics.linearity import (
     linearity_table,
     nonlinearity_score,
 )
+from harness.diagnostics.run_zoo import ZooDiagnostics, run_zoo_diagnostics
 from harness.diagnostics.search import (
     DEFAULT_GRID,
     SearchSpec,
@@ -35,6 +37,7 @@ from harness.errors import ConfigError
 from harness.models import torch_threads
 from tasks.fixtures import FIXTURES_DIR
 from tests.calibrated_zoo import make_zoo
+from tests.conftest import state_of
 
 TASKS = ("math", "translate")
 DATA = DataSettings(num_samples=6, template="plain", max_length=32, batch_size=6)
@@ -320,3 +323,47 @@ def test_slta_report_against_best_lambda(zoo, tmp_path):
     assert set(frame["task"]) == set(TASKS)
     assert {p.suffix for p in paths} == {".csv", ".md", ".png", ".svg"}
     assert "mean - best lambda" in (tmp_path / "slta_attn_mlp.md").read_text()
+
+
+# ------------------------------------------------------------------------------ the zoo runner
+
+
+@pytest.mark.slow
+def test_zoo_diagnostics_write_every_analysis_and_the_summary(ci_zoo, tmp_path):
+    zoo, _ = ci_zoo
+    plan = ZooDiagnostics(
+        variants=("full", "attn_only"),
+        held_out=16,
+        linearity_samples=4,
+        slta_samples=8,
+        disentanglement_grid=(0.0, 1.0),
+        disentanglement_samples=4,
+        lambda_grid=(0.0, 0.5, 1.0),
+        max_length=96,
+    )
+    summary = run_zoo_diagnostics(zoo, tmp_path, plan, log=lambda message: None)
+    text = summary.read_text()
+    for heading in ("Linearity, full", "Linearity, attn_only", "Disentanglement", "Lambda search", "SLTA"):
+        assert f"## {heading}" in text, heading
+    own = pd.read_csv(tmp_path / "search_full" / "search.csv")
+    assert set(own["value"]) == {0.0, 0.5, 1.0}
+    for variant in ("full", "attn_only"):
+        assert (tmp_path / f"linearity_{variant}" / "linearity.csv").is_file()
+    assert (tmp_path / "slta" / "slta_layer.csv").is_file()
+    # the held-out rows continue the zoo's train stream: none of them was fine-tuned on
+    seen = {json.loads(line)["prompt"] for line in zoo.train_data["math"].read_text().splitlines()}
+    held = [json.loads(line)["prompt"] for line in (tmp_path / "held_out" / "math_train.jsonl").open()]
+    assert len(held) == 16 and not seen & set(held)
+    # the attention-only variant was trained with the zoo's recipe and only its attention moved
+    attn_only = state_of(zoo.root.parent / f"{zoo.root.name}-attn_only" / "math")
+    base = state_of(zoo.base)
+    changed = {name for name in base if not torch.equal(base[name], attn_only[name])}
+    assert changed and all("self_attn" in name for name in changed)
+
+
+def test_zoo_diagnostics_refuse_variants_without_the_zoos_own(ci_zoo, tmp_path):
+    zoo, _ = ci_zoo
+    with pytest.raises(ConfigError, match="must include the zoo's own"):
+        run_zoo_diagnostics(zoo, tmp_path, ZooDiagnostics(variants=("attn_only",)))
+    with pytest.raises(ConfigError, match="unknown fine-tune variants"):
+        run_zoo_diagnostics(zoo, tmp_path, ZooDiagnostics(variants=("full", "lora")))

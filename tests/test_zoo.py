@@ -20,14 +20,6 @@ TEST_ROWS = 20  # per task, for the answer-loss proxy
 
 
 @pytest.fixture(scope="module")
-def ci_zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoos")
-    started = time.perf_counter()
-    zoo = build_zoo(root, size="ci", seed=0, show_progress=False)
-    return zoo, time.perf_counter() - started
-
-
-@pytest.fixture(scope="module")
 def scores(ci_zoo):
     """Answer-token loss (nats) of base, each fine-tune and their plain average on each task."""
     zoo, _ = ci_zoo
