@@ -104,7 +104,7 @@ def analyze_zoo(
     out: Path = typer.Option(Path("diagnostics"), "--out"),
     zoo_dir: Path = typer.Option(None, "--zoo-dir", help="Zoo cache (default ~/.cache/merge-harness/zoo)."),
     variants: str = typer.Option(
-        "full,attn_only,mlp_only", "--variants", help="Fine-tune variants (the zoo's own one included)."
+        None, "--variants", help="e.g. full,attn_only,mlp_only (the zoo's own included; default: per zoo)."
     ),
 ) -> None:
     """Every diagnostic on a demo zoo (full / attention-only / MLP-only fine-tunes) + summary.md."""
@@ -116,7 +116,9 @@ def analyze_zoo(
     from harness.models import torch_threads
 
     built = build_demo_zoo(zoo, zoo_dir or ZOO_CACHE, size, show_progress=True)
-    plan = replace(PRESETS[zoo], variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+    plan = PRESETS[zoo]
+    if variants:
+        plan = replace(plan, variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
     threads = HarnessApp.threads or (1 if zoo == "toy" else None)  # tiny models: one thread is faster
     with torch_threads(threads):
         summary = run_zoo_diagnostics(built, out, plan, log=console.print)

@@ -59,8 +59,10 @@ class ZooDiagnostics:
 
 PRESETS = {
     "toy": ZooDiagnostics(),
-    # 30 layers of 576: the same analyses on fewer rows and coarser grids (about an hour of CPU)
+    # 30 layers of 576: fewer rows, coarser grids, and no MLP-only variant (each variant is four
+    # fine-tunes of 135M parameters: about 40 min of one CPU core)
     "smollm2": ZooDiagnostics(
+        variants=("attn_only", "full"),
         held_out=32,
         linearity_samples=8,
         slta_samples=16,
