@@ -3,8 +3,8 @@
 Per-tensor methods run one output tensor at a time: read that tensor from each input, merge in
 float32 on the chosen device, cast to the output dtype, hand it to a sink (the shard writer or a
 state dict) and drop it. Peak memory is therefore about one tensor per input model, whatever the
-model size. Random methods draw from a generator seeded by (seed, tensor name), so results do not
-depend on the order or the subset of tensors merged.
+model size. Random methods draw from a CPU generator seeded by (seed, tensor name), so results do
+not depend on the order or the subset of tensors merged, nor on the device.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ class MergeOutcome:
     forward_passes: dict[str, float] = field(default_factory=dict)
 
 
-def tensor_generator(seed: int, name: str, device: str = "cpu") -> torch.Generator:
-    """A generator seeded by the tensor's name: same name and seed, same random draws."""
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by the tensor's name: same name and seed, same draws on any device."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    generator = torch.Generator(device=device)
+    generator = torch.Generator()
     generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     return generator
 
@@ -60,7 +60,7 @@ def merge_tensor(plan: MergePlan, task: TensorTask, device: str = "cpu") -> torc
         return reference.read(name)
     base = _read_checked(plan.base, name, device) if plan.base else None
     tensors = [_read_checked(model, name, device) for model in plan.models]
-    generator = tensor_generator(plan.config.seed, name, device)
+    generator = tensor_generator(plan.config.seed, name)
     try:
         merged = plan.method.merge_tensor(base, tensors, task.model_params, task.params, generator)
     except (ValueError, RuntimeError) as exc:

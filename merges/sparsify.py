@@ -2,7 +2,9 @@
 
 Each function takes one task vector tau (*S) and returns a tensor of the same shape with dropped
 entries set to 0. Random sparsifiers draw from the `generator` they are given, so the engine can
-seed them per tensor name and results do not depend on the order tensors are processed in.
+seed them per tensor name and results do not depend on the order tensors are processed in. The
+draws happen on the CPU (a CPU generator) whatever device the tensor is on: CUDA's generators
+give other streams for the same seed, and a merge must be the same on a GPU box and in CI.
 """
 
 from __future__ import annotations
@@ -53,12 +55,16 @@ def sparsify_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return tensor * (magnitudes >= kth_largest(magnitudes, k))
 
 
+def keep_mask(probabilities: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """1 with each entry's probability, else 0: drawn on the CPU generator, returned on `device`."""
+    return torch.bernoulli(probabilities.cpu(), generator=generator).to(device)
+
+
 def sparsify_random(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE drop: keep each entry independently with probability `density`."""
     if density >= 1:
         return tensor
-    keep = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
-    return tensor * keep
+    return tensor * keep_mask(torch.full(tensor.shape, density, dtype=tensor.dtype), generator, tensor.device)
 
 
 def sparsify_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -98,5 +104,5 @@ def sparsify_magprune(
     if density >= 1:
         return tensor
     probabilities = magprune_probabilities(tensor, density, epsilon)
-    keep = torch.bernoulli(probabilities, generator=generator)
+    keep = keep_mask(probabilities, generator, tensor.device)
     return (tensor.reshape(keep.shape) * keep).reshape(tensor.shape)

@@ -101,6 +101,21 @@ def test_random_methods_are_seeded_per_tensor_name():
     assert not torch.equal(first, other_name) and not torch.equal(first, other_seed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["dare_ties", "della", "ties", "task_arithmetic"])
+def test_a_merge_on_cuda_equals_the_cpu_merge(tiny_zoo, method):
+    data = {
+        "method": method,
+        "base_model": str(tiny_zoo["base"]),
+        "models": [{"model": str(tiny_zoo[f"ft{i}"])} for i in range(3)],
+        "parameters": {"density": 0.5} if method != "task_arithmetic" else {},
+    }
+    on_cpu = merge_state_dict(MergeConfig.model_validate(data)).state
+    on_cuda = merge_state_dict(MergeConfig.model_validate({**data, "device": "cuda"})).state
+    for name, tensor in on_cpu.items():
+        torch.testing.assert_close(on_cuda[name].cpu(), tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_dare_results_do_not_depend_on_other_tensors(tiny_zoo):
     models = [{"model": str(tiny_zoo["ft0"]), "parameters": {"density": 0.3}}]
     full = {"method": "dare_ties", "base_model": str(tiny_zoo["base"]), "models": models, "seed": 11}
