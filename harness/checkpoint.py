@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ class Checkpoint:
         self.config = config
         self.tensors = tensors
         self._handles: dict[Path, BinaryIO] = {}
+        self._open_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -138,22 +140,45 @@ class Checkpoint:
             return _bin_state(info.file)[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = self._handles[info.file] = info.file.open("rb", buffering=0)
-            except OSError as exc:
-                raise CheckpointError(f"{info.file}: cannot open: {exc}") from exc
+        handle = self._handle(info.file)
         raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch's allocator aligns for SIMD kernels
-        handle.seek(info.offset)
-        if handle.readinto(memoryview(raw.numpy())) != info.nbytes:
+        if read_at(handle, memoryview(raw.numpy()), info.offset) != info.nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
         return raw.view(info.dtype).reshape(info.shape)
+
+    def _handle(self, file: Path) -> BinaryIO:
+        with self._open_lock:  # the engine reads ahead on a second thread
+            handle = self._handles.get(file)
+            if handle is None:
+                try:
+                    handle = self._handles[file] = file.open("rb", buffering=0)
+                except OSError as exc:
+                    raise CheckpointError(f"{file}: cannot open: {exc}") from exc
+            return handle
 
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+def read_at(handle: BinaryIO, view: memoryview, offset: int) -> int:
+    """Fill `view` from `offset` of the file; returns the bytes read (fewer only at end of file).
+
+    Positional reads (pread) leave the file position alone, so two threads may read one handle;
+    the loop covers reads the kernel cuts short (Linux returns at most ~2 GiB per call).
+    """
+    done, size = 0, len(view)
+    while done < size:
+        if hasattr(os, "preadv"):
+            count = os.preadv(handle.fileno(), [view[done:]], offset + done)
+        else:  # Windows: no pread; one reader thread per handle keeps this safe enough
+            handle.seek(offset + done)
+            count = handle.readinto(view[done:])
+        if not count:
+            break
+        done += count
+    return done
 
 
 def read_config(path: Path) -> dict:

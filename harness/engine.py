@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,17 +53,34 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return generator
 
 
-def merge_tensor(plan: MergePlan, task: TensorTask, device: str = "cpu") -> torch.Tensor:
-    """Merge one output tensor; bad inputs and bad outputs are named with the tensor."""
+@dataclass
+class TensorInputs:
+    """What one output tensor is made from, read from the checkpoints (see `read_inputs`)."""
+
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    passthrough: torch.Tensor | None = None  # set for tensors copied unchanged from the base
+
+
+def read_inputs(plan: MergePlan, task: TensorTask, device: str = "cpu") -> TensorInputs:
+    """Read one output tensor's inputs, NaN/inf-checked and on `device`."""
     name = task.info.name
-    reference = plan.base or plan.models[0]
     if task.params is None:  # integer buffers and the like pass through unchanged
-        return reference.read(name)
+        return TensorInputs(None, [], (plan.base or plan.models[0]).read(name))
     base = _read_checked(plan.base, name, device) if plan.base else None
-    tensors = [_read_checked(model, name, device) for model in plan.models]
+    return TensorInputs(base, [_read_checked(model, name, device) for model in plan.models])
+
+
+def merge_inputs(plan: MergePlan, task: TensorTask, inputs: TensorInputs) -> torch.Tensor:
+    """Merge one output tensor; bad inputs and bad outputs are named with the tensor."""
+    if inputs.passthrough is not None:
+        return inputs.passthrough
+    name = task.info.name
     generator = tensor_generator(plan.config.seed, name)
     try:
-        merged = plan.method.merge_tensor(base, tensors, task.model_params, task.params, generator)
+        merged = plan.method.merge_tensor(
+            inputs.base, inputs.tensors, task.model_params, task.params, generator
+        )
     except (ValueError, RuntimeError) as exc:
         raise MethodError(f"{plan.method.name} failed on tensor {name!r}: {exc}") from exc
     if not all_finite(merged):
@@ -83,10 +101,39 @@ def _read_checked(checkpoint, name: str, device: str) -> torch.Tensor:
     return tensor
 
 
+def input_bytes(plan: MergePlan, task: TensorTask) -> int:
+    """Bytes `read_inputs` holds for `task`: one tensor per input checkpoint."""
+    return task.info.nbytes * (len(plan.models) + (plan.base is not None))
+
+
 def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    with progress_bar(len(plan.tasks), f"merging ({plan.method.name})", show_progress) as advance:
-        for task in plan.tasks:
-            yield task.info.name, merge_tensor(plan, task, device)
+    """Merged tensors in plan order, reading the next tensor's inputs while this one merges.
+
+    File reads release the GIL, so a reader thread overlaps IO with the arithmetic. It reads
+    ahead only while the inputs of both tensors fit in what the largest tensor needs anyway, so
+    the peak memory of a merge is that of a strictly serial one.
+    """
+    tasks = plan.tasks
+    budget = max((input_bytes(plan, t) for t in tasks), default=0)
+    with (
+        progress_bar(len(tasks), f"merging ({plan.method.name})", show_progress) as advance,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as reader,
+    ):
+        ahead: Future[TensorInputs] | None = None
+        for index, task in enumerate(tasks):
+            inputs = ahead.result() if ahead is not None else read_inputs(plan, task, device)
+            ahead = None
+            following = tasks[index + 1] if index + 1 < len(tasks) else None
+            if following is not None and input_bytes(plan, task) + input_bytes(plan, following) <= budget:
+                ahead = reader.submit(read_inputs, plan, following, device)
+            try:
+                merged = merge_inputs(plan, task, inputs)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+            del inputs
+            yield task.info.name, merged
             advance()
 
 

@@ -247,19 +247,57 @@ def test_unwritable_output_is_reported(tiny_zoo, tmp_path):
         merge_to_disk(ties_config(tiny_zoo), blocker / "out", show_progress=False)
 
 
+def test_reads_ahead_on_a_second_thread_with_the_same_result(tiny_zoo, monkeypatch):
+    import threading
+
+    import harness.engine as engine
+
+    threads = []
+    real = engine.read_inputs
+
+    def recording(plan, task, device="cpu"):
+        threads.append(threading.current_thread().name)
+        return real(plan, task, device)
+
+    plan = engine.build_plan(ties_config(tiny_zoo))
+    serial = {t.info.name: engine.merge_inputs(plan, t, real(plan, t)) for t in plan.tasks}
+    monkeypatch.setattr(engine, "read_inputs", recording)
+    overlapped = merge_state_dict(ties_config(tiny_zoo)).state
+    assert any(name.startswith("merge-reader") for name in threads)
+    assert len(threads) == len(serial)  # every tensor read exactly once
+    for name, tensor in serial.items():
+        assert torch.equal(overlapped[name], tensor), name
+
+
+def test_read_at_completes_reads_the_kernel_cuts_short(tmp_path, monkeypatch):
+    import os
+
+    from harness.checkpoint import read_at
+
+    payload = bytes(range(256)) * 40
+    (tmp_path / "blob").write_bytes(payload)
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: real(fd, [buffers[0][:7]], offset))
+    view = memoryview(bytearray(1000))
+    with (tmp_path / "blob").open("rb", buffering=0) as handle:
+        assert read_at(handle, view, 100) == 1000
+        assert bytes(view) == payload[100:1100]
+        assert read_at(handle, memoryview(bytearray(100)), len(payload) - 10) == 10  # end of file
+
+
 def test_failure_mid_merge_leaves_nothing_behind(tiny_zoo, tmp_path, monkeypatch):
     import harness.engine as engine
 
     calls = {"n": 0}
-    real = engine.merge_tensor
+    real = engine.merge_inputs
 
-    def failing(plan, task, device="cpu"):
+    def failing(plan, task, inputs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise MethodError("simulated failure")
-        return real(plan, task, device)
+        return real(plan, task, inputs)
 
-    monkeypatch.setattr(engine, "merge_tensor", failing)
+    monkeypatch.setattr(engine, "merge_inputs", failing)
     with pytest.raises(MethodError):
         merge_to_disk(ties_config(tiny_zoo), tmp_path / "out", show_progress=False)
     assert list(tmp_path.iterdir()) == []
