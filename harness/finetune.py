@@ -201,15 +201,19 @@ def render(example: Example, tokenizer, template: str) -> tuple[str, str]:
 
 
 def encode(example: Example, tokenizer, template: str, max_length: int) -> tuple[list[int], list[int]]:
-    """input_ids and labels; labels are -100 on every token that starts inside the prompt."""
+    """input_ids and labels (-100 on the prompt), the prompt and the answer tokenized apart.
+
+    Tokenizing the whole conversation at once would let a token straddle the boundary (SmolLM2's
+    BPE joins the prompt's final newline and the answer's leading newline and indent into one
+    token); that token would be masked as prompt, so the model never learns to emit what starts
+    its answer, while at inference the prompt is tokenized alone and generation starts at the
+    boundary. Apart, training sees exactly the tokens that generation continues from.
+    """
     prompt, full = render(example, tokenizer, template)
-    encoded = tokenizer(
-        full, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
-    )
-    ids = list(encoded["input_ids"])
-    labels = [
-        tok if start >= len(prompt) else IGNORE for tok, (start, _end) in zip(ids, encoded["offset_mapping"])
-    ]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    ids = (list(prompt_ids) + list(answer_ids))[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + list(answer_ids))[:max_length]
     return ids, labels
 
 

@@ -219,3 +219,21 @@ def test_finetune_from_config_writes_a_loadable_model(tmp_path, tokenizer):
     record = json.loads((out / "finetune.json").read_text())
     assert record["settings"]["trainable"] == "attn_only" and len(record["losses"]) == 2
     assert (out / "tokenizer.json").is_file()
+
+
+def test_prompt_and_answer_are_tokenized_apart_so_no_token_straddles_them():
+    corpus = ['def f(a):\n    """Add one."""\n\n    return a + 1\n'] * 200
+    tokenizer = train_tokenizer(corpus, vocab_size=300)
+    example = Example('def g(b):\n    """Add one."""\n', "\n    return b + 1")
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(example.prompt + example.response, add_special_tokens=False)["input_ids"]
+    assert len(joined) < len(prompt_ids) + len(answer_ids)  # this BPE joins "\n" + "\n    ": the case
+
+    ids, labels = encode(example, tokenizer, "plain", max_length=128)
+    assert ids[: len(prompt_ids)] == prompt_ids  # exactly what generation continues from
+    assert labels[: len(prompt_ids)] == [IGNORE] * len(prompt_ids)
+    answer = [token for token in labels if token != IGNORE]
+    assert tokenizer.decode(answer) == example.response + tokenizer.eos_token  # newline and indent learnt
+    truncated, truncated_labels = encode(example, tokenizer, "plain", max_length=len(prompt_ids) + 1)
+    assert len(truncated) == len(truncated_labels) == len(prompt_ids) + 1
