@@ -43,3 +43,9 @@ def test_analyze_without_calibration_data_is_a_one_line_error(tmp_path):
     result = analyze("search", config, "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "need `calibration:` data" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_analyze_zoo_refuses_an_unknown_zoo_or_variant_in_one_line(tmp_path):
+    unknown_zoo = analyze("zoo", "--zoo", "llama", "--zoo-dir", str(tmp_path), "--out", str(tmp_path / "d"))
+    assert unknown_zoo.returncode == 2 and "unknown zoo 'llama'" in unknown_zoo.stderr
+    assert "Traceback" not in unknown_zoo.stderr and not (tmp_path / "d").exists()
