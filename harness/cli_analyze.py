@@ -111,7 +111,7 @@ def analyze_zoo(
     from dataclasses import replace
 
     from harness.cli import HarnessApp
-    from harness.demo import ZOO_CACHE, build_demo_zoo
+    from harness.demo import ZOO_CACHE, build_demo_zoo, zoo_threads
     from harness.diagnostics.run_zoo import PRESETS, run_zoo_diagnostics
     from harness.models import torch_threads
 
@@ -119,7 +119,6 @@ def analyze_zoo(
     plan = PRESETS[zoo]
     if variants:
         plan = replace(plan, variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
-    threads = HarnessApp.threads or (1 if zoo == "toy" else None)  # tiny models: one thread is faster
-    with torch_threads(threads):
+    with torch_threads(zoo_threads(zoo, HarnessApp.threads)):
         summary = run_zoo_diagnostics(built, out, plan, log=console.print)
     console.print(f"written: {summary}")

@@ -89,6 +89,14 @@ def build_demo_zoo(kind: str, root: Path, size: str, show_progress: bool):
 ZOO_CACHE = Path.home() / ".cache" / "merge-harness" / "zoo"
 
 
+def zoo_threads(zoo_kind: str, requested: int | None) -> int | None:
+    """torch threads for work on a zoo: as asked, else one for the toy zoo (its tiny models run
+    several times faster on one thread than on two) and torch's own choice otherwise."""
+    if requested is not None:
+        return requested
+    return 1 if zoo_kind == "toy" else None
+
+
 def run_demo(
     out: Path,
     zoo_kind: str = "toy",
@@ -100,8 +108,7 @@ def run_demo(
 ) -> DemoResult:
     """Build/reuse the zoo, run every method, evaluate, and write the report under `out`.
 
-    `threads`: torch CPU threads; by default one for the toy zoo (its tiny models run several
-    times faster on one thread than on two) and torch's own choice for SmolLM2.
+    `threads`: torch CPU threads (default: `zoo_threads`).
     """
     from harness.models import torch_threads
     from harness.runner import run_experiment
@@ -113,9 +120,7 @@ def run_demo(
     name = f"demo-{zoo_kind}" + ("" if size == "toy" else f"-{size}") + (f"-limit{limit}" if limit else "")
     experiment = demo_experiment(zoo, name=name, limit=limit)
     store_path = out / "results.sqlite"
-    if threads is None and zoo_kind == "toy":
-        threads = 1
-    with ResultStore(store_path) as store, torch_threads(threads):
+    with ResultStore(store_path) as store, torch_threads(zoo_threads(zoo_kind, threads)):
         summary = run_experiment(experiment, store, show_progress=show_progress)
         if summary.failed:
             label, task, error = summary.failed[0]

@@ -126,12 +126,7 @@ def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[t
             following = tasks[index + 1] if index + 1 < len(tasks) else None
             if following is not None and input_bytes(plan, task) + input_bytes(plan, following) <= budget:
                 ahead = reader.submit(read_inputs, plan, following, device)
-            try:
-                merged = merge_inputs(plan, task, inputs)
-            except BaseException:
-                if ahead is not None:
-                    ahead.cancel()
-                raise
+            merged = merge_inputs(plan, task, inputs)  # on error, leaving the block waits for the read
             del inputs
             yield task.info.name, merged
             advance()

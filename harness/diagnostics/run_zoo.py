@@ -35,7 +35,7 @@ from harness.diagnostics.search import (
 from harness.diagnostics.slta_report import slta_report
 from harness.diagnostics.tables import markdown_table
 from harness.errors import ConfigError
-from harness.finetune import TrainingSettings, save_model, train
+from harness.finetune import TrainingSettings, read_pairs, save_model, train
 from harness.models import load_pretrained, load_tokenizer
 from harness.toytasks import train_pairs
 from harness.zoo import Zoo, write_pairs
@@ -110,9 +110,8 @@ def variant_finetunes(zoo: Zoo, recipe: ZooRecipe, trainable: str) -> dict[str, 
     for task, out in dirs.items():
         if (out / "config.json").is_file():
             continue
-        rows = [json.loads(line) for line in zoo.train_data[task].read_text().splitlines()]
         model = load_pretrained(zoo.base)
-        train(model, tokenizer, [Example(r["prompt"], r["response"]) for r in rows], settings, False)
+        train(model, tokenizer, read_pairs(zoo.train_data[task]), settings, False)
         save_model(model, tokenizer, out, {"trainable": trainable, "settings": settings.model_dump()})
     return dirs
 
@@ -122,8 +121,8 @@ def held_out_data(zoo: Zoo, recipe: ZooRecipe, count: int, out: Path) -> dict[st
     seen_count, pairs = recipe.train_examples, {}
     for task in zoo.finetunes:
         rows = train_pairs(task, seen_count + count, recipe.seed)
-        seen = [json.loads(line) for line in zoo.train_data[task].read_text().splitlines()]
-        if rows[:seen_count] != seen:
+        drawn = [Example(row["prompt"], row["response"]) for row in rows[:seen_count]]
+        if drawn != read_pairs(zoo.train_data[task]):
             raise RuntimeError(f"{task}: the zoo's train rows are not a prefix of train_pairs (zoo changed?)")
         pairs[task] = rows[seen_count:]
     return write_pairs(out / "held_out", pairs)
