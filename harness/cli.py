@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.errors import ConfigError, HarnessError
@@ -17,7 +18,8 @@ err_console = Console(stderr=True)
 
 
 class HarnessApp(typer.Typer):
-    """A Typer app that turns `HarnessError`s into one-line messages and exit code 2."""
+    """A Typer app that prints every error as one line: `HarnessError`s and missing packages
+    exit 2, anything else (a bug) exits 1 with a hint to rerun with --debug for the traceback."""
 
     debug = False
     threads: int | None = None  # the global --threads option, for commands that pick their own default
@@ -25,11 +27,28 @@ class HarnessApp(typer.Typer):
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
-        except HarnessError as exc:
+        except Exception as exc:
             if HarnessApp.debug:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
+            error = one_line_error(exc)
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            sys.exit(error.exit_code if isinstance(error, HarnessError) else 1)
+
+
+def one_line_error(exc: Exception) -> Exception:
+    """A HarnessError as it is; a missing module as the package and extra to install; else a bug."""
+    from harness.extras import missing_package_error
+
+    if isinstance(exc, HarnessError):
+        return exc
+    own = ("harness", "tasks", "reports")  # a module of ours missing is a bug, not an install step
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] not in own:
+        return missing_package_error(exc)
+    text = str(exc).strip().splitlines()
+    return RuntimeError(
+        f"internal error: {type(exc).__name__}: {text[0] if text else ''} "
+        "(a bug in merge-harness; rerun with --debug for the traceback)"
+    )
 
 
 app = HarnessApp(
@@ -189,11 +208,16 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run every (model, task) job of an experiment; finished jobs are reused, never recomputed."""
+    from harness.evaluation import chat_template_warnings, check_backend
     from harness.experiment import load_experiment
     from harness.runner import make_executor, run_experiment, summary_frame
 
     experiment = load_experiment(experiment_file)
     chosen = make_executor(executor, address)
+    if not dry_run:
+        check_backend(experiment.evaluation.backend)  # before hashing, merging or evaluating anything
+    for warning in chat_template_warnings([t.name for t in experiment.task_runs()], experiment.evaluation):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     with open_store(store_path or experiment.store) as store:
         if dry_run:
             dry_run_listing(experiment, store)
@@ -210,38 +234,6 @@ def run(
         err_console.print(f"[red]failed[/] {label} / {task}: {error}", highlight=False)
     if summary.failed:
         raise typer.Exit(1)
-
-
-@app.command("eval")
-def eval_model(
-    model: str = typer.Argument(..., help="A HF model id or a local model directory."),
-    tasks: str = typer.Option(..., "--tasks", help="Comma-separated task names."),
-    limit: int = typer.Option(None, "--limit", help="Examples per task."),
-    num_fewshot: int = typer.Option(None, "--num-fewshot"),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    store_path: str = typer.Option(None, "--store", help="SQLite result store."),
-) -> None:
-    """Evaluate one model on some tasks and store the result (reused when already there)."""
-    from harness.evaluation import EvalSettings
-    from harness.experiment import single_model_job
-    from harness.runner import run_model_job
-
-    settings = EvalSettings(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    with open_store(store_path) as store:
-        job = single_model_job(model, names, settings, store)
-        pending = [t for t in job.tasks if not store.has_result(t.key)]
-        for task in pending:
-            store.mark_started(task.key, "eval", task.spec, label=job.label)
-        if pending:
-            run_model_job(job, pending, "eval", store.record)
-        for task in job.tasks:
-            store.attach(task.key, "eval")
-        results = [store.get_result(t.key) for t in job.tasks]
-    for result in results:
-        for score in result.scores:
-            stderr = f" ± {score.stderr:.4g}" if score.stderr is not None else ""
-            console.print(f"{score.task:28} {score.metric:28} {score.value:.4g}{stderr}")
 
 
 @app.command()
@@ -311,8 +303,10 @@ def demo(
     import time
 
     from harness.demo import ZOO_CACHE, run_demo
+    from harness.evaluation import check_backend
     from reports.frame import comparison_frame
 
+    check_backend("hf")  # fail fast: before building the zoo and merging
     start = time.perf_counter()
     result = run_demo(out, zoo, size, not quiet, zoo_dir or ZOO_CACHE, limit, HarnessApp.threads)
     from harness.store import ResultStore
@@ -332,7 +326,9 @@ def demo(
 
 def _register_subcommands() -> None:
     from harness.cli_analyze import analyze_app
+    from harness.cli_eval import eval_model
 
+    app.command("eval")(eval_model)
     app.add_typer(analyze_app, name="analyze")
 
 

@@ -23,13 +23,14 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.errors import EvaluationError, HarnessError
-from harness.results import Score
+from harness.results import JobResult, Score
 from tasks import TASKS_DIR
 
 NO_FILTER = "none"
@@ -40,11 +41,13 @@ class EvalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    limit: int | float | None = Field(None, description="examples per task (<1: a fraction)")
-    num_fewshot: int | None = Field(None, description="override the tasks' few-shot counts")
-    batch_size: int | str = 1
-    apply_chat_template: bool = False
-    fewshot_as_multiturn: bool = False
+    limit: int | float | None = Field(None, gt=0, description="examples per task (<1: a fraction)")
+    num_fewshot: int | None = Field(None, ge=0, description="override the tasks' few-shot counts")
+    batch_size: int | str = Field(1, description="an int, or 'auto' (lm-eval finds the largest)")
+    apply_chat_template: bool | None = Field(
+        None, description="None: as the task declares (metadata.apply_chat_template), else off"
+    )
+    fewshot_as_multiturn: bool = Field(False, description="few-shot examples as chat turns")
     gen_kwargs: dict[str, Any] | None = Field(None, description="override generation kwargs")
     seed: int = 1234
     log_samples: bool = False
@@ -110,6 +113,16 @@ class TaskCatalog:
         if unknown:
             raise EvaluationError("; ".join(self._unknown_message(name) for name in unknown))
 
+    def declares_chat_template(self, name: str) -> bool:
+        """Whether the task's YAML says `metadata: {apply_chat_template: true}` (a chat task)."""
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        entry = self.manager.task_index.get(name)
+        if entry is None or not entry.yaml_path:
+            return False
+        metadata = load_yaml(entry.yaml_path, resolve_func=False).get("metadata")
+        return isinstance(metadata, dict) and metadata.get("apply_chat_template") is True
+
     def _unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self.names, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -142,6 +155,44 @@ def task_manager():
 
 def check_tasks(names: Sequence[str], catalog: TaskCatalog | None = None) -> None:
     (catalog or catalog_for(names)).check(names)
+
+
+def chat_template_for(name: str, settings: EvalSettings, catalog: TaskCatalog | None = None) -> bool:
+    """The setting as given, else what the task declares (chat tasks get the template)."""
+    if settings.apply_chat_template is not None:
+        return settings.apply_chat_template
+    return (catalog or catalog_for([name])).declares_chat_template(name)
+
+
+def chat_template_warnings(
+    names: Sequence[str], settings: EvalSettings, catalog: TaskCatalog | None = None
+) -> list[str]:
+    """One warning per chat task that the settings explicitly run without the chat template."""
+    if settings.apply_chat_template is not False:
+        return []
+    catalog = catalog or catalog_for(names)
+    return [
+        f"task {name!r} is a chat task (its YAML sets metadata.apply_chat_template: true) but runs "
+        "without the chat template: its scores will be far below the model's"
+        for name in names
+        if catalog.declares_chat_template(name)
+    ]
+
+
+def check_backend(backend: str = "hf") -> None:
+    """Fail fast, before any expensive work, when lm-eval's model class cannot be imported.
+
+    lm-eval's HF model imports `accelerate` (which lm-eval does not declare); vLLM is an extra.
+    """
+    from harness.extras import missing_package_error
+
+    try:
+        if backend == "vllm":
+            import vllm  # noqa: F401
+        else:
+            import lm_eval.models.huggingface  # noqa: F401
+    except ImportError as exc:
+        raise missing_package_error(exc, f"evaluation with lm-eval's {backend!r} backend") from exc
 
 
 def evaluate(
@@ -214,7 +265,7 @@ def _run_task(lm: Any, name: str, settings: EvalSettings, catalog: TaskCatalog) 
             use_cache=None,  # never: lm-eval's cache does not key on the model
             limit=settings.limit,
             num_fewshot=settings.num_fewshot,
-            apply_chat_template=settings.apply_chat_template,
+            apply_chat_template=chat_template_for(name, settings, catalog),
             fewshot_as_multiturn=settings.fewshot_as_multiturn,
             gen_kwargs=dict(settings.gen_kwargs) if settings.gen_kwargs else None,
             log_samples=settings.log_samples,
@@ -337,3 +388,47 @@ def _json_safe(value: Any) -> Any:
     if hasattr(value, "item"):  # other numpy / torch scalars
         return value.item()
     return str(value)
+
+
+def lmeval_results_json(results: Sequence[JobResult], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored results in the shape of lm-eval's results JSON (what `lm_eval --output_path` writes):
+    "results" per task with lm-eval's "metric,filter" keys and stderrs ("N/A" where none),
+    "versions", "n-samples" and "config" (how the model was run)."""
+    payload: dict[str, Any] = {"results": {}, "versions": {}, "n-samples": {}, "config": dict(config)}
+    for result in results:
+        for score in result.scores:
+            metrics = payload["results"].setdefault(score.task, {"name": score.task, "alias": score.task})
+            metric, _, filter_name = lmeval_key(score.metric).partition(",")
+            metrics[f"{metric},{filter_name}"] = score.value
+            metrics[f"{metric}_stderr,{filter_name}"] = "N/A" if score.stderr is None else score.stderr
+            if score.samples is not None:
+                metrics["sample_len"] = score.samples
+                payload["n-samples"][score.task] = {"effective": score.samples}
+        for name, value in result.versions.items():
+            if name.endswith(".version"):
+                payload["versions"][name.removesuffix(".version")] = _version_value(value)
+        payload["lm_eval_version"] = result.versions.get("lm_eval")
+    payload["date"] = time.time()
+    return payload
+
+
+def _version_value(text: str) -> Any:
+    """lm-eval writes task versions as the YAML gave them (1.0, not "1.0")."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def write_lmeval_json(payload: Mapping[str, Any], output_path: Path, model_name: str) -> Path:
+    """Write where lm-eval would: `X.json` -> `X_<date>.json`, else `X/<model>/results_<date>.json`."""
+    from lm_eval.utils import sanitize_model_name
+
+    stamp = datetime.now().isoformat().replace(":", "-")
+    if output_path.suffix == ".json":
+        target = output_path.with_name(f"{output_path.stem}_{stamp}.json")
+    else:
+        target = output_path / sanitize_model_name(model_name) / f"results_{stamp}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+    return target

@@ -239,6 +239,16 @@ class ResultStore:
             conn.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
                          (path, size, mtime_ns, sha256))
 
+    def weights_known_finite(self, sha256: str) -> bool:
+        """Whether the weight file with this content hash was checked free of NaN/inf before."""
+        with self._errors("reading weight checks"):
+            return self._conn.execute("SELECT 1 FROM finite_weights WHERE sha256 = ?",
+                                      (sha256,)).fetchone() is not None
+
+    def save_weights_finite(self, sha256: str) -> None:
+        with self._tx("saving a weight check") as conn:
+            conn.execute("INSERT OR IGNORE INTO finite_weights VALUES (?, ?)", (sha256, _now()))
+
     def has_result(self, key: str) -> bool:
         with self._errors(f"looking up job {key}"):
             return self._conn.execute("SELECT 1 FROM jobs WHERE key = ? AND status = 'done'",

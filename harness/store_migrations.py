@@ -106,6 +106,16 @@ CREATE TABLE file_hashes (
 );
 """,
     ),
+    (
+        # Weight files (by content hash) already checked free of NaN/inf: one pass per file, ever.
+        "0004_finite_weights",
+        """
+CREATE TABLE finite_weights (
+    sha256     TEXT PRIMARY KEY,
+    checked_at TEXT NOT NULL
+);
+""",
+    ),
 ]
 
 
