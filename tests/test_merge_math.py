@@ -50,6 +50,31 @@ def test_elect_sign_by_mass_and_by_count():
     assert by_mass[:, 2].tolist() == [False, False, True]
 
 
+def test_a_tied_sign_vote_elects_plus_as_mergekit_does():
+    """mergekit's get_mask: majority_sign = +1 where sum >= 0 ("sum": mass; "count": signs)."""
+    # column 0: mass 2 - 2 = 0 (a tie in mass), votes 1 - 1 = 0 (a tie in count) -> "+"
+    # column 1: mass 1 - 3 = -2 -> "-", but votes 2 - 1 = +1 -> "+"
+    # column 2: mass 0, votes 0 (all zero) -> "+", and zeros never agree
+    deltas = T([[2.0, 0.5, 0.0], [-2.0, 0.5, 0.0], [0.0, -3.0, 0.0]])
+    assert elect_sign(deltas, "sum").tolist() == [[True, False, False], [False, False, False],
+                                                  [False, True, False]]
+    assert elect_sign(deltas, "count").tolist() == [[True, True, False], [False, True, False],
+                                                    [False, False, False]]
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+
+    for method in ("sum", "count"):
+        agrees = get_mask(deltas, method) & (deltas != 0)  # mergekit's mask, zeros aside
+        assert torch.equal(elect_sign(deltas, method), agrees), method
+
+
+def test_ties_merges_a_tied_entry_with_the_positive_side():
+    base = T([1.0, 1.0])
+    ft = [T([3.0, 0.0]), T([-1.0, 2.0])]  # tau: [2, -1], [-2, 1]: both entries tied in mass
+    out = run("ties", base, ft, model_params=[{"weight": 1.0}, {"weight": 1.0}])
+    # "+" elected in both columns: entry 0 keeps +2 (ft0), entry 1 keeps +1 (ft1); mean over 1 each
+    assert out.tolist() == [3.0, 2.0]
+
+
 def test_disjoint_merge_divides_by_agreeing_weights_only():
     weights = T([1.0, 3.0]).reshape(2, 1)
     weighted = T([[2.0, 1.0], [6.0, -3.0]])  # already multiplied by weights

@@ -190,6 +190,111 @@ def test_normalized_and_delta_blocks(table):
     assert delta.values.at["slta (granularity=attn_mlp)", "GSM8K (fixture)"] == pytest.approx(10.0)
 
 
+# ---------------------------------------------------- a table checked against hand-computed cells
+
+# label -> (kind, method, GSM8K strict-match, BLEU), in lm-eval's units; a decoy metric of each
+# task (flexible-extract, chrF) holds other numbers that must not reach the table
+HAND_ROWS = {
+    "pre-trained": ("base", None, 0.10, 8.0),
+    "math": ("finetune", None, 0.50, 6.0),
+    "translate": ("finetune", None, 0.05, 20.0),
+    "TA 0.5": ("merge", "task_arithmetic", 0.30, 12.0),
+    "TA 1.0": ("merge", "task_arithmetic", 0.35, 14.6),
+    "TIES": ("merge", "ties", 0.40, 13.0),
+}
+HAND_FINETUNES = {"math": "gsm8k_fixture", "translate": "wmt22_zh_en_fixture"}
+TITLES = ["Pre-trained", "Fine-tuned (math)", "Fine-tuned (translate)", "TA 0.5", "TA 1.0", "TIES"]
+# Worked by hand. Score (points): GSM8K x 100, BLEU as is, Avg. = their mean.
+#   Pre-trained 10, 8 -> 9;  math 50, 6 -> 28;  translate 5, 20 -> 12.5
+#   TA 0.5 30, 12 -> 21;  TA 1.0 35, 14.6 -> 24.8;  TIES 40, 13 -> 26.5
+# Normalized = 100 x score / the fine-tune for the task (math 50 on GSM8K, translate 20 on BLEU):
+#   Pre-trained 20, 40 -> 30;  math 100, 30 -> 65;  translate 10, 100 -> 55
+#   TA 0.5 60, 60 -> 60;  TA 1.0 70, 73 -> 71.5;  TIES 80, 65 -> 72.5
+# Delta = score - the TA row with the best average (TA 1.0: 35, 14.6, 24.8):
+#   Pre-trained -25, -6.6, -15.8;  math +15, -8.6, +3.2;  translate -30, +5.4, -12.3
+#   TA 0.5 -5, -2.6, -3.8;  TA 1.0 0, 0, 0;  TIES +5, -1.6, +1.7
+# Bold = best merge per column: GSM8K TIES, BLEU TA 1.0, Avg. TIES (in every block).
+HAND_CELLS = {
+    "score": [["10.00", "8.00", "9.00"], ["50.00", "6.00", "28.00"], ["5.00", "20.00", "12.50"],
+              ["30.00", "12.00", "21.00"], ["35.00", "**14.60**", "24.80"],
+              ["**40.00**", "13.00", "**26.50**"]],
+    "normalized": [["20.0", "40.0", "30.0"], ["100.0", "30.0", "65.0"], ["10.0", "100.0", "55.0"],
+                   ["60.0", "60.0", "60.0"], ["70.0", "**73.0**", "71.5"],
+                   ["**80.0**", "65.0", "**72.5**"]],
+    "delta": [["-25.00", "-6.60", "-15.80"], ["+15.00", "-8.60", "+3.20"],
+              ["-30.00", "+5.40", "-12.30"], ["-5.00", "-2.60", "-3.80"],
+              ["+0.00", "**+0.00**", "+0.00"], ["**+5.00**", "-1.60", "**+1.70**"]],
+}
+
+
+def hand_results():
+    import pandas as pd
+
+    records = []
+    for label, (kind, method, gsm8k, bleu) in HAND_ROWS.items():
+        spec = {"kind": kind, **({"merge": {"method": method, "parameters": {}}} if method else {})}
+        for task, metric, value in [
+            ("gsm8k_fixture", "exact_match,strict-match", gsm8k),
+            ("gsm8k_fixture", "exact_match,flexible-extract", 0.99),
+            ("wmt22_zh_en_fixture", "bleu", bleu),
+            ("wmt22_zh_en_fixture", "chrf", 99.0),
+        ]:
+            records.append({"experiment": "hand", "label": label, "method": method, "task": task,
+                            "metric": metric, "value": value, "spec_json": json.dumps(spec),
+                            "peak_rss_mb": None})
+    return pd.DataFrame.from_records(records)
+
+
+def hand_table():
+    options = TableOptions(normalized=True, delta=True, costs=False)
+    return build_table(hand_results(), HAND_FINETUNES, options)
+
+
+def markdown_cells(text: str) -> dict[str, list[list[str]]]:
+    """{block title: rows of cells (model column dropped)} of a rendered Markdown table."""
+    blocks, title = {}, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            title = line[4:]
+            blocks[title] = []
+        elif line.startswith("| ") and not line.startswith("| Model |") and title:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            blocks[title].append(cells)
+    return blocks
+
+
+def test_markdown_cells_equal_hand_computed_scores_normalized_and_deltas():
+    text = render_markdown(hand_table())
+    assert "| Model | GSM8K (fixture) | WMT22 zh-en (fixture) | Avg. |" in text
+    blocks = markdown_cells(text)
+    assert list(blocks) == ["Score (points)", "Normalized score (% of the fine-tune)",
+                            "Δ vs task arithmetic (points)"]
+    for (name, cells), rows in zip(HAND_CELLS.items(), blocks.values()):
+        assert [row[0] for row in rows] == TITLES, name
+        assert [row[1:] for row in rows] == cells, name
+
+
+def test_csv_cells_equal_hand_computed_numbers():
+    import csv
+    import io
+
+    rows = {r["model"]: r for r in csv.DictReader(io.StringIO(render_csv(hand_table())))}
+    assert list(rows) == TITLES
+    columns = ["GSM8K (fixture)", "WMT22 zh-en (fixture)", "Avg."]
+    suffixes = {"score": "", "normalized": " (norm. %)", "delta": " (Δ TA)"}
+    for name, cells in HAND_CELLS.items():
+        for title, row in zip(TITLES, cells):
+            for column, cell in zip(columns, row):
+                expected = float(cell.strip("*"))
+                assert float(rows[title][column + suffixes[name]]) == pytest.approx(expected, abs=1e-9)
+    assert rows["TIES"]["best_in"] == ("GSM8K (fixture); Avg.; GSM8K (fixture) (norm. %); "
+                                       "Avg. (norm. %); GSM8K (fixture) (Δ TA); Avg. (Δ TA)")
+    assert rows["TA 1.0"]["best_in"] == ("WMT22 zh-en (fixture); WMT22 zh-en (fixture) (norm. %); "
+                                         "WMT22 zh-en (fixture) (Δ TA)")
+    assert rows["Fine-tuned (math)"]["best_in"] == ""  # references do not compete
+    assert (rows["TIES"]["kind"], rows["TIES"]["method"]) == ("merge", "ties")
+
+
 def test_comparison_frame_is_a_dataframe_through_the_python_api(store):
     frame = comparison_frame(store, EXPERIMENT, normalized=True, delta=True)
     assert frame.index.name == "model" and frame.index[-1] == "SLTA (attn/MLP)"

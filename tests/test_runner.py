@@ -29,12 +29,7 @@ def test_grid_expands_to_labelled_merges(chat_zoo, tmp_path):
     assert len(keys) == len(set(keys)) == 12
 
 
-def test_keys_change_with_weights_and_settings(chat_zoo, tmp_path):
-    experiment = load_experiment(write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite"))
-    before = {t.key for j in plan_jobs(experiment) for t in j.tasks}
-    changed = experiment.model_copy(update={"seed": 1})
-    assert {t.key for j in plan_jobs(changed) for t in j.tasks if j.kind == "merge"}.isdisjoint(before)
-    assert {t.key for j in plan_jobs(changed) for t in j.tasks if j.kind == "base"} <= before
+# What changes a job key and what does not: tests/test_job_keys.py.
 
 
 def test_duplicate_job_specs_are_refused(chat_zoo, tmp_path):

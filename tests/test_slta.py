@@ -110,6 +110,86 @@ def test_one_fine_tune_gives_that_fine_tune():
     assert solve_coefficients(A, b).item() == pytest.approx(1 / (1 + 1e-8), abs=1e-15)
 
 
+def brute_force(features: list[np.ndarray], cross_task: bool, ridge: float) -> np.ndarray:
+    """a from normal equations built token by token, written out from SPEC section 4:
+    A_jk = sum_t sum_{x in H_t} <D_j(x), D_k(x)>, b_j = sum_t sum_{x in H_t} <D_j(x), D_t(x)>
+    (with cross_task false, row j sums over x in H_j only); (A + ridge * trace(A)/T * I) a = b.
+    features[t]: (T, n_t, d) = D_k(x) for the tokens x of task t."""
+    T = len(features)
+    A, b = np.zeros((T, T)), np.zeros(T)
+    for t, f in enumerate(features):
+        for x in range(f.shape[1]):
+            D = f[:, x, :]
+            for j in range(T) if cross_task else [t]:
+                b[j] += D[j] @ D[t]
+                for k in range(T):
+                    A[j, k] += D[j] @ D[k]
+    return np.linalg.solve(A + ridge * np.trace(A) / T * np.eye(T), b)
+
+
+def ridge_least_squares(features: list[np.ndarray], ridge: float) -> np.ndarray:
+    """cross_task true: one stacked ridge regression, sum ||M a - y||^2 + shift ||a||^2, by lstsq."""
+    T = len(features)
+    M = np.concatenate([f.reshape(T, -1).T for f in features])  # rows (t, x, dim), column k: D_k
+    y = np.concatenate([f[t].reshape(-1) for t, f in enumerate(features)])
+    shift = ridge * np.trace(M.T @ M) / T
+    augmented = np.concatenate([M, np.sqrt(shift) * np.eye(T)])
+    return np.linalg.lstsq(augmented, np.concatenate([y, np.zeros(T)]), rcond=None)[0]
+
+
+def assert_each_task_fits_its_own_inputs(features: list[np.ndarray], a: np.ndarray, ridge: float):
+    """cross_task false: given the others, a_j is task j's own 1-D ridge least squares,
+    argmin_{a_j} sum_{x in H_j} ||sum_k a_k D_k - D_j||^2 + shift a_j^2."""
+    T = len(features)
+    shift = ridge * sum(float((f[j] ** 2).sum()) for j, f in enumerate(features)) / T
+    for j, f in enumerate(features):
+        F = f.reshape(T, -1).T
+        others = np.delete(np.arange(T), j)
+        residual = F[:, j] - F[:, others] @ a[others]
+        column = np.concatenate([F[:, j], [np.sqrt(shift)]])
+        best = np.linalg.lstsq(column[:, None], np.concatenate([residual, [0.0]]), rcond=None)[0][0]
+        assert best == pytest.approx(a[j], rel=1e-6, abs=1e-9), j
+
+
+def random_linear_zoo(T: int, seed: int) -> FakeInputs:
+    """A linear submodule with random task vectors and random, partly shared, inputs per task."""
+    g = torch.Generator().manual_seed(seed)
+    taus = [torch.randn(6, 9, generator=g, dtype=torch.float64) for _ in range(T)]
+    inputs = [torch.randn(11 + 4 * t, 9, generator=g, dtype=torch.float64) for t in range(T)]
+    zoo = linear_zoo(taus, inputs)
+    zoo.base = {k: v.double() for k, v in zoo.base.items()}
+    zoo.fine_tunes = [{k: v.double() for k, v in ft.items()} for ft in zoo.fine_tunes]
+    return zoo
+
+
+def linear_features(zoo: FakeInputs) -> list[np.ndarray]:
+    """D_k(x) = tau_k x, computed from the weights, not from the zoo's feature stream."""
+    taus = [ft["lin.weight"] - zoo.base["lin.weight"] for ft in zoo.fine_tunes]
+    return [np.stack([(x @ tau.T).numpy() for tau in taus]) for x in zoo.inputs]
+
+
+@pytest.mark.parametrize("cross_task", [True, False])
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
+def test_merge_slta_options_end_to_end_equal_brute_force_on_random_features(cross_task, ridge):
+    zoo = random_linear_zoo(T=3, seed=7)
+    features = linear_features(zoo)
+    merged = merge_slta(zoo, SltaParams(cross_task=cross_task, ridge=ridge))
+    a = np.array([c.value for c in merged.coefficients if c.submodule == "lin"])
+    np.testing.assert_allclose(a, brute_force(features, cross_task, ridge), rtol=1e-9)
+    if cross_task:
+        np.testing.assert_allclose(a, ridge_least_squares(features, ridge), rtol=1e-8)
+    else:
+        assert_each_task_fits_its_own_inputs(features, a, ridge)
+    # the options matter here: each other combination gives other coefficients
+    for other_cross, other_ridge in [(not cross_task, ridge), (cross_task, 0.05 - ridge)]:
+        other = brute_force(features, other_cross, other_ridge)
+        assert np.abs(a - other).max() > 1e-3, (other_cross, other_ridge)
+    expected = zoo.base["lin.weight"] + sum(
+        float(a_t) * (ft["lin.weight"] - zoo.base["lin.weight"]) for a_t, ft in zip(a, zoo.fine_tunes)
+    )
+    torch.testing.assert_close(merged.state["lin.weight"], expected)
+
+
 # ------------------------------------------------------- a submodule that is linear in its weights
 
 
@@ -350,11 +430,30 @@ def test_layerwise_features_equal_a_hooked_forward(zoo, granularity):
                 torch.testing.assert_close(deltas, reference[name], atol=2e-5, rtol=1e-4)
 
 
-def test_model_granularity_and_task_own_rows_run_end_to_end(zoo):
+def test_model_granularity_runs_end_to_end(zoo):
     model = merge_calibrated(merge_config(zoo, granularity="model", num_samples=4))
     assert list(coefficient_table(model)) == ["model", "non_layer"]
-    own = merge_calibrated(merge_config(zoo, cross_task=False, num_samples=4))
-    assert all(np.isfinite(c.value) for c in own.coefficients)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "attn_mlp"])
+def test_task_own_rows_and_ridge_on_a_tiny_llama_equal_brute_force(zoo, granularity):
+    """cross_task false and ridge 0.01, end to end: merge_calibrated's coefficients equal the
+    token-by-token normal equations of features taken from hooked full forwards."""
+    from harness.calibrated import calibration_sets, fine_tune_entries
+    from harness.plan import build_plan
+
+    calibration = {"max_length": 24, "batch_size": 5, "template": "plain"}
+    config = merge_config(zoo, granularity=granularity, cross_task=False, ridge=0.01, num_samples=5,
+                          calibration=calibration)
+    table = coefficient_table(merge_calibrated(config))
+    plan = build_plan(config)
+    data = calibration_sets(plan, fine_tune_entries(plan.config, plan), SltaParams(num_samples=5))
+    hooked = [hooked_reference_deltas(zoo, data, task, granularity) for task in range(3)]
+    for name in [k for k in table if k != "non_layer"]:
+        features = [reference[name].double().numpy() for reference in hooked]
+        expected = brute_force(features, cross_task=False, ridge=0.01)
+        np.testing.assert_allclose(table[name], expected, rtol=2e-3, atol=1e-5, err_msg=name)
+        assert np.abs(expected - brute_force(features, cross_task=True, ridge=0.01)).max() > 1e-2
 
 
 def test_merge_to_disk_writes_coefficients_next_to_the_model(zoo, tmp_path):
@@ -475,7 +574,7 @@ def test_slta_on_smollm2_with_three_perturbed_copies(tmp_path):
         base_model=str(base_dir),
         models=models,
         parameters={"granularity": "attn_mlp", "num_samples": 3},
-        calibration={"max_length": 32, "batch_size": 3},
+        calibration={"template": "plain", "max_length": 32, "batch_size": 3},
     )
     outcome = merge_calibrated(config)
     table = coefficient_table(outcome)
