@@ -4,7 +4,8 @@
 
 1. the plan (headers, names, shapes, parameters) is checked before any tensor is read;
 2. the tokenizer (tokenizer_source, else the base) must match every fine-tune's vocabulary;
-3. each fine-tune's calibration set is drawn from its `calibration:` source (train split);
+3. each fine-tune's calibration set is drawn from its `calibration:` source (train split) in the
+   template it was trained with, or given by the caller as token batches;
 4. the base model (or, for methods without a base, the first fine-tune) is built in memory in
    float32 on `config.device`; fine-tunes are read one layer at a time (SLTA, RegMean) or one
    whole model at a time (Fisher) by `harness.features.LayerwiseFeatures`;
@@ -15,11 +16,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from harness.calibration import CalibrationSet, check_same_vocab, load_calibration
+from harness.calibration import (
+    CalibrationRecipe,
+    CalibrationSet,
+    check_same_vocab,
+    load_calibration,
+    resolve_recipe,
+)
 from harness.checkpoint import Checkpoint
 from harness.config import MergeConfig, ModelEntry
 from harness.engine import MergeOutcome
@@ -33,18 +41,29 @@ from merges.model_level import CalibratedParams
 
 
 def merge_calibrated(
-    config: MergeConfig, *, show_progress: bool = False, plan: MergePlan | None = None
+    config: MergeConfig,
+    *,
+    show_progress: bool = False,
+    plan: MergePlan | None = None,
+    calibration: Sequence[CalibrationSet] | None = None,
 ) -> MergeOutcome:
-    """Merge with a model-level method; the state dict stays in memory (on `config.device`)."""
+    """Merge with a model-level method; the state dict stays in memory (on `config.device`).
+
+    `calibration`: the caller's own token batches, one per fine-tune in config order (else each
+    fine-tune's `calibration:` source is drawn and tokenized).
+    """
     start = time.perf_counter()
     plan = plan or build_plan(config)
     method = plan.method
     if method.merge_model is None:
         raise ConfigError(f"merge_method: {method.name!r} is a per-tensor method, not model-level")
     params = method_params(plan)
-    entries = fine_tune_entries(config, plan)
+    entries = fine_tune_entries(config, plan, need_sources=calibration is None)
     labels = task_labels(entries)
-    data = calibration_sets(plan, entries, params)
+    if calibration is None:
+        data = calibration_sets(plan, entries, params)
+    else:
+        data = given_sets(calibration, entries)
     reference = plan.base or plan.models[0]
     names = [task.info.name for task in plan.tasks if task.params is not None]
     with progress_bar(_layer_count(reference), f"calibrating ({method.name})", show_progress) as advance:
@@ -88,13 +107,13 @@ def method_params(plan: MergePlan) -> Params:
     return resolved.pop()
 
 
-def fine_tune_entries(config: MergeConfig, plan: MergePlan) -> list[ModelEntry]:
+def fine_tune_entries(config: MergeConfig, plan: MergePlan, need_sources: bool = True) -> list[ModelEntry]:
     """The config entries of `plan.models`, same order; each must name its calibration data."""
     entries = [e for e in config.models if plan.base is None or e.model != config.base_model]
     if len(entries) != len(plan.models):
         raise ConfigError("models: could not match the fine-tunes to their config entries")
     for entry in entries:
-        if not entry.calibration:
+        if need_sources and not entry.calibration:
             raise ConfigError(
                 f"models[{config.models.index(entry)}].calibration: {plan.method.name!r} needs "
                 f"calibration data for {entry.model} (a JSONL file or an lm-eval task name)"
@@ -112,14 +131,43 @@ def task_labels(entries: list[ModelEntry]) -> list[str]:
     return labels
 
 
+def calibration_recipes(
+    config: MergeConfig, params: Params, model_dirs: Sequence[Path | None]
+) -> list[CalibrationRecipe]:
+    """Each fine-tune's resolved recipe (source, template, N, seed...), in config order."""
+    num_samples = params.num_samples if isinstance(params, CalibratedParams) else 30
+    seed = params.seed if isinstance(params, CalibratedParams) else config.seed
+    entries = [e for e in config.models if e.model != config.base_model or config.base_model is None]
+    return [
+        resolve_recipe(
+            entry.calibration, config.calibration, num_samples, seed, directory,
+            f"models[{config.models.index(entry)}].calibration",
+        )
+        for entry, directory in zip(entries, model_dirs)
+        if entry.calibration is not None
+    ]
+
+
 def calibration_sets(plan: MergePlan, entries: list[ModelEntry], params: Params) -> list[CalibrationSet]:
     tokenizer = load_tokenizer(plan.sidecar_source)
     others = [m.path for m in ([plan.base] if plan.base else []) + plan.models]
     check_same_vocab(tokenizer, plan.sidecar_source, [p for p in others if p != plan.sidecar_source])
-    num_samples = params.num_samples if isinstance(params, CalibratedParams) else 30
-    seed = params.seed if isinstance(params, CalibratedParams) else plan.config.seed
-    settings = plan.config.calibration
-    return [load_calibration(e.calibration, tokenizer, num_samples, seed, settings) for e in entries]
+    recipes = calibration_recipes(plan.config, params, [m.path for m in plan.models])
+    return [load_calibration(recipe, tokenizer) for recipe in recipes]
+
+
+def given_sets(calibration: Sequence[CalibrationSet], entries: list[ModelEntry]) -> list[CalibrationSet]:
+    """The caller's token batches: one CalibrationSet per fine-tune."""
+    sets = list(calibration)
+    if len(sets) != len(entries):
+        raise ConfigError(f"calibration: {len(sets)} token batches given for {len(entries)} fine-tunes")
+    for index, item in enumerate(sets):
+        if not isinstance(item, CalibrationSet):
+            raise ConfigError(
+                f"calibration[{index}]: expected a CalibrationSet (CalibrationSet.from_tokens(...)), "
+                f"got {type(item).__name__}"
+            )
+    return sets
 
 
 def reference_model(checkpoint: Checkpoint, device: str) -> torch.nn.Module:

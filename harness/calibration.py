@@ -2,18 +2,17 @@
 
 Each fine-tune (= task t) names its data in the merge config (`models[i].calibration`):
 
-- a JSONL file: rows with `text` (used as written), or `prompt` + `response` (joined by the
-  template the fine-tune was trained with);
+- a JSONL file: rows with `text` (used as written), or `prompt` + `response`;
 - an lm-eval task name, looked up in this repository's `tasks/` first, then lm-eval's built-ins:
-  examples come from the task's *train* split only (`training_docs()`), formatted as
-  doc_to_text + target_delimiter + doc_to_target; a task without a train split is an error,
-  never a silent fall back to its test split.
+  examples come from the task's *train* split only (`training_docs()`), as doc_to_text,
+  target_delimiter, doc_to_target; a task without a train split is an error, never a silent
+  fall back to its test split.
 
-Templates (`calibration.template`): "plain" (prompt + response), "fastchat" (the Vicuna v1.1
-conversation FastChat fine-tunes use, as in the SLTA paper), "chat" (the tokenizer's own chat
-template), or a format string with `{prompt}` and `{response}`. The answer is always included.
-Sampling is seeded: the same source, N and seed give the same examples in the same order.
-Sequences are right-padded; `attention_mask` is 1 on real tokens, 0 on padding.
+Examples are rendered and tokenized by `harness.prompts.encode`, the function fine-tuning
+uses, in the template the fine-tune was trained with (`resolve_recipe`), so each task's
+calibration tokens are its training tokens. Sampling is seeded: the same source, N and seed give
+the same examples in the same order. Sequences are right-padded; `attention_mask` is 1 on real
+tokens, 0 on padding. Users can also hand their own token batches (`CalibrationSet.from_tokens`).
 """
 
 from __future__ import annotations
@@ -27,30 +26,14 @@ from pathlib import Path
 
 import torch
 
-from harness.config import CalibrationSettings
+from harness.config import CalibrationSettings, CalibrationSource
 from harness.errors import CheckpointError, ConfigError
+from harness.prompts import Example, encode, recorded_template, render
 
 logger = logging.getLogger(__name__)
 
 REPO_TASKS = Path(__file__).resolve().parent.parent / "tasks"
-FASTCHAT_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-TEMPLATES = {
-    "plain": "{prompt}{response}",
-    "fastchat": FASTCHAT_SYSTEM + " USER: {prompt} ASSISTANT: {response}{eos}",
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One calibration example: a prompt and its answer, or (prompt only) a finished text."""
-
-    prompt: str
-    response: str | None = None
-    separator: str = ""  # what "plain" puts between prompt and response (lm-eval's delimiter)
 
 
 @dataclass(frozen=True)
@@ -62,6 +45,27 @@ class CalibrationSet:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
 
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2 or self.input_ids.shape != self.attention_mask.shape:
+            raise ConfigError(
+                f"calibration {self.source}: input_ids {tuple(self.input_ids.shape)} and attention_mask "
+                f"{tuple(self.attention_mask.shape)} must both be (examples, tokens)"
+            )
+        if int(self.attention_mask.sum()) == 0:
+            raise ConfigError(
+                f"calibration {self.source}: no non-padding token (attention_mask is all 0); a task "
+                "without calibration tokens would get a meaningless coefficient"
+            )
+
+    @classmethod
+    def from_tokens(
+        cls, source: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> CalibrationSet:
+        """A user's own token batch (N, L); no mask means every position is a real token."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
+        return cls(source, (), ids, mask)
+
     @property
     def num_examples(self) -> int:
         return int(self.input_ids.shape[0])
@@ -69,6 +73,51 @@ class CalibrationSet:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    """Everything that decides one fine-tune's calibration tokens, resolved (no defaults left)."""
+
+    source: str
+    template: str
+    num_samples: int
+    seed: int
+    allow_fewer: bool
+    max_length: int
+
+
+def resolve_recipe(
+    entry: CalibrationSource,
+    settings: CalibrationSettings,
+    num_samples: int,
+    seed: int,
+    model_dir: Path | None,
+    where: str,
+) -> CalibrationRecipe:
+    """The entry's own values, else the merge's settings and the method's N and seed."""
+    return CalibrationRecipe(
+        source=entry.source,
+        template=resolve_template(entry, settings, model_dir, where),
+        num_samples=entry.num_samples or num_samples,
+        seed=entry.seed if entry.seed is not None else seed,
+        allow_fewer=entry.allow_fewer if entry.allow_fewer is not None else settings.allow_fewer,
+        max_length=settings.max_length,
+    )
+
+
+def resolve_template(
+    entry: CalibrationSource, settings: CalibrationSettings, model_dir: Path | None, where: str
+) -> str:
+    """The entry's template, else the merge's, else the one the fine-tune recorded in training;
+    none of them is an error (a guessed template silently changes the merge)."""
+    template = entry.template or settings.template or (recorded_template(model_dir) if model_dir else None)
+    if template is None:
+        raise ConfigError(
+            f"{where}.template: the fine-tune {model_dir or ''} records no training template; set "
+            "calibration.template to the one it was trained with (chat, fastchat, plain or a format string)"
+        )
+    return template
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -184,62 +233,36 @@ def sample_examples(
 # -------------------------------------------------------------------------------- tokenization
 
 
-def format_example(example: Example, template: str, tokenizer) -> str:
-    if example.response is None:
-        return example.prompt
-    if template == "chat":
-        messages = [
-            {"role": "user", "content": example.prompt},
-            {"role": "assistant", "content": example.response},
-        ]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    if template == "plain":
-        return example.prompt + example.separator + example.response
-    pattern = TEMPLATES.get(template, template)
-    if "{prompt}" not in pattern or "{response}" not in pattern:
-        raise ConfigError(
-            f"calibration.template: {template!r} is not plain/fastchat/chat and not a format "
-            "string with {prompt} and {response}"
-        )
-    eos = getattr(tokenizer, "eos_token", None) or ""
-    return pattern.format(prompt=example.prompt, response=example.response, eos=eos)
-
-
-def tokenize(
-    texts: Sequence[str], tokenizer, max_length: int, add_special_tokens: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask (N, L), L = the longest (<= max_length)."""
-    encoded = tokenizer(
-        list(texts), truncation=True, max_length=max_length, add_special_tokens=add_special_tokens
-    )["input_ids"]
-    for index, ids in enumerate(encoded):
-        if not ids:
-            raise ConfigError(f"calibration example {index} tokenizes to no tokens: {texts[index]!r}")
-    length = max(len(ids) for ids in encoded)
-    input_ids = torch.zeros(len(encoded), length, dtype=torch.long)  # pad id is irrelevant: masked
-    mask = torch.zeros(len(encoded), length, dtype=torch.long)
-    for row, ids in enumerate(encoded):
+def pad_rows(rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask (N, L), L = the longest row."""
+    length = max(len(ids) for ids in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)  # pad id is irrelevant: masked
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for row, ids in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[row, : len(ids)] = 1
     return input_ids, mask
 
 
 def load_calibration(
-    source: str,
-    tokenizer,
-    num_samples: int,
-    seed: int,
-    settings: CalibrationSettings | None = None,
-    include_path: Path | None = None,
+    recipe: CalibrationRecipe, tokenizer, include_path: Path | None = None
 ) -> CalibrationSet:
-    """Draw, format and tokenize one fine-tune's calibration examples."""
-    settings = settings or CalibrationSettings()
+    """Draw one fine-tune's examples and tokenize them exactly as its training did."""
     examples = sample_examples(
-        load_examples(source, include_path), num_samples, seed, settings.allow_fewer, source
+        load_examples(recipe.source, include_path),
+        recipe.num_samples,
+        recipe.seed,
+        recipe.allow_fewer,
+        recipe.source,
     )
-    texts = tuple(format_example(e, settings.template, tokenizer) for e in examples)
-    ids, mask = tokenize(texts, tokenizer, settings.max_length, settings.template != "chat")
-    return CalibrationSet(source, texts, ids, mask)
+    rows = [encode(example, tokenizer, recipe.template, recipe.max_length)[0] for example in examples]
+    for index, ids in enumerate(rows):
+        if not ids:
+            raise ConfigError(f"calibration {recipe.source}: example {index} tokenizes to no tokens")
+    texts = tuple(
+        e.prompt if e.response is None else render(e, tokenizer, recipe.template)[1] for e in examples
+    )
+    return CalibrationSet(recipe.source, texts, *pad_rows(rows))
 
 
 def check_same_vocab(tokenizer, reference: Path, model_dirs: Sequence[Path]) -> None:

@@ -27,7 +27,7 @@ def experiment_models(path: Path) -> tuple[str, dict[str, str], dict[str, str]]:
     if missing:
         raise ConfigError(f"{path}: finetunes {missing} need `calibration:` data (a train JSONL or task)")
     models = {name: ft.model for name, ft in experiment.finetunes.items()}
-    data = {name: ft.calibration for name, ft in experiment.finetunes.items()}
+    data = {name: ft.calibration.source for name, ft in experiment.finetunes.items()}
     return experiment.base_model, models, data
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.prompts import check_template
 
 Scalar = bool | int | float | str
 
@@ -39,12 +40,48 @@ class Condition(BaseModel):
 Setting = Scalar | list[Scalar] | Condition | list[Condition]
 
 
+class CalibrationSource(BaseModel):
+    """One fine-tune's calibration data and how it is drawn (`calibration: PATH` is short for
+    `calibration: {source: PATH}`).
+
+    Unset fields fall back to the merge's `calibration:` settings (template, allow_fewer) and
+    to the method's `num_samples` / `seed`; an unset template falls back to the one the
+    fine-tune recorded in training (`harness.prompts.recorded_template`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="a JSONL file or an lm-eval task name (train split)")
+    template: str | None = Field(None, description="chat | fastchat | plain | a format string")
+    num_samples: int | None = Field(None, ge=1, description="examples drawn (default: the method's)")
+    seed: int | None = Field(None, description="sampling seed (default: the method's)")
+    allow_fewer: bool | None = Field(None, description="use all rows when fewer than num_samples")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: Any) -> Any:
+        return {"source": data} if isinstance(data, str) else data
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return known_template(value)
+
+
+def known_template(value: str | None) -> str | None:
+    """A field validator's view of `check_template`: its error as a ValueError (for the YAML line)."""
+    try:
+        return None if value is None else check_template(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
     parameters: dict[str, Setting] = Field(default_factory=dict)
-    calibration: str | None = None  # this fine-tune's calibration data (JSONL path or task name)
+    calibration: CalibrationSource | None = None  # this fine-tune's data (JSONL path or task name)
 
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
@@ -54,17 +91,23 @@ class CalibrationSettings(BaseModel):
     """How calibration examples become token batches (model-level methods: slta, regmean, fisher).
 
     How many examples and which seed are method parameters (`num_samples`, `seed`); these are
-    the settings shared by every method. `template`: "plain" (prompt + response as written),
-    "fastchat" (Vicuna v1.1 conversation), "chat" (the tokenizer's chat template) or a format
-    string with `{prompt}` and `{response}`.
+    the settings shared by every method. `template` (`harness.prompts`): chat, fastchat, plain
+    or a format string; unset, each fine-tune's calibration uses the template it was trained
+    with (its own `calibration.template`, else the one it recorded), and a fine-tune that
+    records none is an error: calibrating in another template than training's changes results.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     max_length: int = Field(512, ge=2, description="tokens per example (longer ones are cut)")
-    template: str = "plain"
+    template: str | None = Field(None, description="chat | fastchat | plain | a format string")
     batch_size: int = Field(8, ge=1, description="examples per forward chunk")
     allow_fewer: bool = Field(False, description="use all rows when fewer than num_samples")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return known_template(value)
 
 
 class MergeConfig(BaseModel):
@@ -181,13 +224,19 @@ def relative_to(ref: str | None, root: Path) -> str | None:
     return str(root / ref)
 
 
+def calibration_relative_to(source: CalibrationSource | None, root: Path) -> CalibrationSource | None:
+    if source is None:
+        return None
+    return source.model_copy(update={"source": relative_to(source.source, root)})
+
+
 def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     """Model and data paths in a config file are relative to that file, like mergekit's."""
     models = [
         entry.model_copy(
             update={
                 "model": relative_to(entry.model, root),
-                "calibration": relative_to(entry.calibration, root),
+                "calibration": calibration_relative_to(entry.calibration, root),
             }
         )
         for entry in config.models

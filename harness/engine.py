@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,11 +132,11 @@ def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[t
             advance()
 
 
-def _calibrated(plan: MergePlan, show_progress: bool) -> MergeOutcome:
+def _calibrated(plan: MergePlan, show_progress: bool, calibration: Sequence | None = None) -> MergeOutcome:
     """Model-level methods (calibration data, whole-model statistics): see harness.calibrated."""
     from harness.calibrated import merge_calibrated  # it builds on this module's MergeOutcome
 
-    return merge_calibrated(plan.config, show_progress=show_progress, plan=plan)
+    return merge_calibrated(plan.config, show_progress=show_progress, plan=plan, calibration=calibration)
 
 
 def _write_coefficients(plan: MergePlan, outcome: MergeOutcome, out_dir: Path) -> None:
@@ -184,22 +184,30 @@ def merge_to_disk(
     return outcome
 
 
-def merge_state_dict(config: MergeConfig, *, show_progress: bool = False) -> MergeOutcome:
-    """Merge into memory: a {name: tensor} state dict, with no disk round trip."""
+def merge_state_dict(
+    config: MergeConfig, *, show_progress: bool = False, calibration: Sequence | None = None
+) -> MergeOutcome:
+    """Merge into memory: a {name: tensor} state dict, with no disk round trip.
+
+    `calibration`: for model-level methods, your own token batches instead of the configured
+    sources, one `harness.calibration.CalibrationSet` per fine-tune in config order.
+    """
     start = time.perf_counter()
     plan = build_plan(config)
     if not plan.method.streaming:
-        return _calibrated(plan, show_progress)
+        return _calibrated(plan, show_progress, calibration)
     state = dict(iter_merged(plan, config.device, show_progress))
     seconds = time.perf_counter() - start
     return MergeOutcome(state, None, seconds, len(plan.tasks), [], plan.out_config, plan.sidecar_source)
 
 
-def merge_model(config: MergeConfig, *, show_progress: bool = False) -> tuple[object, Path]:
+def merge_model(
+    config: MergeConfig, *, show_progress: bool = False, calibration: Sequence | None = None
+) -> tuple[object, Path]:
     """Merge into a loaded transformers model, ready for lm-eval without a disk round trip.
 
     Returns the model and the directory its tokenizer files come from (`tokenizer_source`,
-    else the base model).
+    else the base model). `calibration` as in `merge_state_dict`.
     """
-    outcome = merge_state_dict(config, show_progress=show_progress)
+    outcome = merge_state_dict(config, show_progress=show_progress, calibration=calibration)
     return build_model(outcome.model_config, outcome.state), outcome.tokenizer_dir

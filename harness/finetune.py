@@ -1,10 +1,9 @@
 """Supervised fine-tuning of a causal LM on prompt/response pairs, as the merging papers do it.
 
-- **Format**: each pair is one conversation, user = prompt, assistant = response. `template: chat`
-  renders it with the tokenizer's own chat template (the toy tokenizer's is FastChat's Vicuna
-  v1.1, SmolLM2's is ChatML), `fastchat` with the built-in Vicuna v1.1 formatter
-  ("<s>SYSTEM USER: {prompt} ASSISTANT: {response}</s>", as FastChat trains; the SLTA paper used
-  it), `plain` as prompt + response + EOS (pre-training text: prompt "").
+- **Format**: each pair is one conversation, user = prompt, assistant = response, rendered and
+  tokenized by `harness.prompts` (`template`: chat, fastchat, plain or a format string), the one
+  module calibration uses too, so data-driven merges see the training tokens exactly. The
+  template is recorded in the fine-tune's `finetune.json`.
 - **Loss** on the answer tokens only: every token whose text starts inside the rendered prompt
   (system text, user turn, "ASSISTANT:") is labelled -100; the loss is the mean over the answer
   tokens of the whole optimizer batch, however it is split into micro-batches.
@@ -36,12 +35,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from harness.calibration import Example, read_jsonl
+from harness.calibration import read_jsonl
 from harness.checkpoint import replace_dir
 from harness.config import load_yaml, parse_config
 from harness.errors import ConfigError
 from harness.progress import progress_bar
-from harness.toymodel import FASTCHAT_SYSTEM
+from harness.prompts import IGNORE, Example, check_template, encode, training_record
 
 Trainable = Literal["full", "attn_only", "mlp_only"]
 TRAINABLE_PATTERNS = {
@@ -82,7 +81,6 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 # Fields that say the same thing; setting one in a config drops the preset's other.
 ALTERNATIVES = ({"epochs", "max_steps"}, {"warmup_steps", "warmup_ratio"})
-IGNORE = -100
 
 
 class TrainingSettings(BaseModel):
@@ -91,7 +89,7 @@ class TrainingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     trainable: Trainable = "full"
-    template: str = Field("chat", description="chat | fastchat | plain")
+    template: str = Field("chat", description="chat | fastchat | plain | a format string (harness.prompts)")
     epochs: float | None = Field(None, gt=0, description="passes over the data (or max_steps)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (or epochs)")
     batch_size: int = Field(128, ge=1, description="examples per optimizer step")
@@ -107,8 +105,7 @@ class TrainingSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSettings:
-        if self.template not in ("chat", "fastchat", "plain"):
-            raise ValueError(f"template must be chat, fastchat or plain, not {self.template!r}")
+        check_template(self.template)
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("set epochs or max_steps, not both")
         return self
@@ -175,46 +172,7 @@ def load_finetune_config(path: str | Path) -> FinetuneConfig:
     )
 
 
-# ----------------------------------------------------------------------------------- formatting
-
-
-def render(example: Example, tokenizer, template: str) -> tuple[str, str]:
-    """(prompt text, full text): the full text starts with the prompt text, the answer follows."""
-    response = example.response or ""
-    eos = tokenizer.eos_token or ""
-    if template == "plain":
-        return example.prompt, example.prompt + response + eos
-    if template == "fastchat":
-        prompt = f"{tokenizer.bos_token or ''}{FASTCHAT_SYSTEM} USER: {example.prompt} ASSISTANT:"
-        return prompt, f"{prompt} {response}{eos}"
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("template 'chat': the tokenizer has no chat template (use 'fastchat')")
-    user = [{"role": "user", "content": example.prompt}]
-    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
-    if not full.startswith(prompt):
-        raise ConfigError(
-            "the tokenizer's chat template does not render the prompt as a prefix "
-            "of the conversation; use template 'fastchat'"
-        )
-    return prompt, full
-
-
-def encode(example: Example, tokenizer, template: str, max_length: int) -> tuple[list[int], list[int]]:
-    """input_ids and labels (-100 on the prompt), the prompt and the answer tokenized apart.
-
-    Tokenizing the whole conversation at once would let a token straddle the boundary (SmolLM2's
-    BPE joins the prompt's final newline and the answer's leading newline and indent into one
-    token); that token would be masked as prompt, so the model never learns to emit what starts
-    its answer, while at inference the prompt is tokenized alone and generation starts at the
-    boundary. Apart, training sees exactly the tokens that generation continues from.
-    """
-    prompt, full = render(example, tokenizer, template)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-    ids = (list(prompt_ids) + list(answer_ids))[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + list(answer_ids))[:max_length]
-    return ids, labels
+# ----------------------------------------------------------------------------------- encoding
 
 
 def encode_all(examples: Sequence[Example], tokenizer, template: str, max_length: int) -> list:
@@ -413,14 +371,15 @@ def finetune(config: FinetuneConfig, show_progress: bool = True) -> Path:
         show_progress,
         description=f"fine-tuning {Path(config.output_dir).name}",
     )
-    record = {
-        "base_model": config.base_model,
-        "data": config.data,
-        "preset": config.preset,
-        "settings": settings.model_dump(),
-        "examples": len(examples),
-        "losses": losses,
-    }
+    record = training_record(
+        settings.template,
+        base_model=config.base_model,
+        data=config.data,
+        preset=config.preset,
+        settings=settings.model_dump(),
+        examples=len(examples),
+        losses=losses,
+    )
     return save_model(model.cpu(), tokenizer, config.output_dir, record)
 
 

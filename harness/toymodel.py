@@ -10,13 +10,12 @@ from collections.abc import Iterable
 
 import torch
 
+from harness.prompts import FASTCHAT_SYSTEM
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
-# FastChat's Vicuna v1.1 conversation format, the template the SLTA paper's fine-tunes used.
-FASTCHAT_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+# FastChat's Vicuna v1.1 conversation format, the template the SLTA paper's fine-tunes used, as
+# a Jinja chat template (harness.prompts renders the same text for `fastchat`).
 FASTCHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
     "{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"

@@ -19,7 +19,10 @@ Layout of a zoo directory::
     base/            the pre-trained model (safetensors, tokenizer with chat template)
     math/ code/ translate/ qa/       its fine-tunes
     data/<task>_train.jsonl          prompt/response pairs (fine-tuning and SLTA calibration)
-    zoo.json                         the spec, the per-step losses, the task names
+    zoo.json                         the spec, the per-step losses, the task names, the template
+
+Each fine-tune records the prompt template it was trained with (`template` in zoo.json and in
+its own `finetune.json`), so that calibration renders its data the same way.
 
 The test rows are `tasks/fixtures/toy_<task>.jsonl`, read by the lm-eval tasks `toy_<task>`
 (`tasks/toy/`), which are meant to run with `apply_chat_template: true`.
@@ -36,11 +39,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.calibration import Example
+from harness.atomic import atomic_write_text
 from harness.checkpoint import replace_dir
 from harness.errors import ConfigError
-from harness.finetune import TrainingSettings, render, save_model, train
+from harness.finetune import TrainingSettings, save_model, train
 from harness.models import torch_threads
+from harness.prompts import FASTCHAT_SYSTEM, Example, render, training_record
 from harness.toytasks import LMEVAL_TASKS, TASKS, documents, fixture_path, general_pairs, train_pairs
 
 ZOO_VERSION = 1  # bump when anything that changes the weights changes
@@ -116,9 +120,10 @@ class Zoo:
     train_data: dict[str, Path]  # task -> prompt/response JSONL
     tasks: dict[str, str]  # task -> lm-eval task name
     test_data: dict[str, Path] = field(default_factory=dict)  # task -> lm-eval fixture JSONL
+    template: str = "chat"  # the prompt template the fine-tunes were trained with
 
     @classmethod
-    def at(cls, root: Path, tasks: tuple[str, ...] = TASKS) -> Zoo:
+    def at(cls, root: Path, tasks: tuple[str, ...] = TASKS, template: str = "chat") -> Zoo:
         return cls(
             root=root,
             base=root / "base",
@@ -126,6 +131,7 @@ class Zoo:
             train_data={task: root / "data" / f"{task}_train.jsonl" for task in tasks},
             tasks={task: LMEVAL_TASKS[task] for task in tasks},
             test_data={task: fixture_path(task) for task in tasks},
+            template=template,
         )
 
 
@@ -147,20 +153,21 @@ def build_zoo(root: str | Path, *, size: str = "toy", seed: int = 0, show_progre
     """The zoo for (size, seed) under `root`: built on the first call, reused after that."""
     spec = zoo_spec(size, seed)
     out = Path(root).expanduser() / f"{size}-{spec_hash(spec)}"
+    template = SIZES[size].finetune.template
     if (out / "zoo.json").is_file():
-        return Zoo.at(out)
+        return Zoo.at(out, template=template)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-build"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with torch_threads(1):  # weights independent of the core count
             record = _build(tmp, SIZES[size], seed, show_progress)
-        (tmp / "zoo.json").write_text(json.dumps({"spec": spec, **record}, indent=2))
+        (tmp / "zoo.json").write_text(json.dumps({"spec": spec, "template": template, **record}, indent=2))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Zoo.at(out)
+    return Zoo.at(out, template=template)
 
 
 def _build(out: Path, shape: ZooSize, seed: int, show_progress: bool) -> dict:
@@ -174,7 +181,8 @@ def _build(out: Path, shape: ZooSize, seed: int, show_progress: bool) -> dict:
         examples = [Example(p["prompt"], p["response"]) for p in pairs[task]]
         settings = shape.finetune.model_copy(update={"seed": seed})
         losses[task] = train(model, tokenizer, examples, settings, show_progress, f"fine-tuning toy {task}")
-        save_model(model, tokenizer, out / task)
+        record = training_record(settings.template, settings=settings.model_dump())
+        save_model(model, tokenizer, out / task, record)
     return {"tasks": LMEVAL_TASKS, "losses": losses, "seconds": time.perf_counter() - started}
 
 
@@ -201,8 +209,6 @@ def _as_plain(pair: dict, tokenizer) -> Example:
 
 
 def _tokenizer_corpus(texts: list[str], pairs: dict[str, list[dict]]) -> list[str]:
-    from harness.toymodel import FASTCHAT_SYSTEM
-
     chats = [
         f"{FASTCHAT_SYSTEM} USER: {p['prompt']} ASSISTANT: {p['response']}"
         for rows in pairs.values()
@@ -211,12 +217,28 @@ def _tokenizer_corpus(texts: list[str], pairs: dict[str, list[dict]]) -> list[st
     return texts + chats
 
 
-def write_pairs(folder: Path, pairs: dict[str, list[dict]]) -> dict[str, Path]:
+def held_out_pairs(zoo: Zoo, count: int) -> dict[str, list[dict]]:
+    """`count` train-distribution rows per task that the fine-tunes never saw: the rows that
+    follow the zoo's own in the same seeded stream (`train_pairs(task, n + count, seed)`)."""
+    spec = json.loads((zoo.root / "zoo.json").read_text())["spec"]
+    seen = spec["train_examples"] if "train_examples" in spec else spec["examples"]  # toy | smollm2
+    pairs = {}
+    for task, path in zoo.train_data.items():
+        rows = train_pairs(task, seen + count, spec["seed"])
+        own = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows[:seen] != own:
+            raise ConfigError(f"{path}: the zoo's train rows are not a prefix of train_pairs (zoo changed?)")
+        pairs[task] = rows[seen:]
+    return pairs
+
+
+def write_pairs(folder: Path, pairs: dict[str, list[dict]], suffix: str = "train") -> dict[str, Path]:
+    """`folder/<task>_<suffix>.jsonl` per task, one prompt/response row a line."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for task, rows in pairs.items():
-        paths[task] = folder / f"{task}_train.jsonl"
-        paths[task].write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths[task] = folder / f"{task}_{suffix}.jsonl"
+        atomic_write_text(paths[task], "".join(json.dumps(row) + "\n" for row in rows))
     return paths
 
 
@@ -269,7 +291,7 @@ def build_smollm2_zoo(
     }
     root = Path(root).expanduser()
     out = root / f"smollm2-{spec_hash(spec)}"
-    zoo = Zoo.at(out, tasks)
+    zoo = Zoo.at(out, tasks, template=settings.template)
     if (out / "zoo.json").is_file():
         return zoo
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +305,9 @@ def build_smollm2_zoo(
         model = load_pretrained(base).to(device)
         rows = [Example(p["prompt"], p["response"]) for p in pairs[task]]
         losses[task] = train(model, tokenizer, rows, settings, show_progress, f"fine-tuning SmolLM2 {task}")
-        save_model(model.cpu(), tokenizer, zoo.finetunes[task])
+        record = training_record(settings.template, settings=settings.model_dump())
+        save_model(model.cpu(), tokenizer, zoo.finetunes[task], record)
         del model
-    (out / "zoo.json").write_text(json.dumps({"spec": spec, "tasks": zoo.tasks, "losses": losses}, indent=2))
+    record = {"spec": spec, "template": settings.template, "tasks": zoo.tasks, "losses": losses}
+    (out / "zoo.json").write_text(json.dumps(record, indent=2))
     return zoo

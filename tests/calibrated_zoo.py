@@ -74,7 +74,7 @@ def merge_config(zoo: dict[str, Path], method: str = "slta", tasks=None, **param
     from harness.config import MergeConfig
 
     tasks = tasks or [k for k in zoo if k != "base" and not k.endswith(".jsonl")]
-    calibration = parameters.pop("calibration", {"max_length": 32, "batch_size": 4})
+    calibration = {"template": "plain", **parameters.pop("calibration", {"max_length": 32, "batch_size": 4})}
     return MergeConfig(
         method=method,
         base_model=str(zoo["base"]),

@@ -12,21 +12,27 @@ import yaml
 
 from harness.calibration import (
     REPO_TASKS,
-    Example,
-    format_example,
+    CalibrationRecipe,
     load_calibration,
+    pad_rows,
     read_jsonl,
+    sample_examples,
     task_examples,
-    tokenize,
 )
-from harness.config import CalibrationSettings, MergeConfig, load_merge_config
+from harness.config import MergeConfig, load_merge_config
 from harness.errors import CheckpointError, ConfigError
+from harness.prompts import Example, render
 from tests.calibrated_zoo import TASK_ROWS, WORDS, make_zoo, merge_config, word_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return word_tokenizer()
+
+
+def recipe(source, num_samples: int, seed: int, template: str = "plain", **fields) -> CalibrationRecipe:
+    values = {"allow_fewer": False, "max_length": 512, **fields}
+    return CalibrationRecipe(str(source), template, num_samples, seed, **values)
 
 
 @pytest.fixture
@@ -57,9 +63,9 @@ def test_bad_jsonl_rows_name_file_and_line(tmp_path, content, message):
 
 
 def test_sampling_is_seeded_and_never_repeats(math_jsonl, tokenizer):
-    first = load_calibration(str(math_jsonl), tokenizer, num_samples=8, seed=3)
-    again = load_calibration(str(math_jsonl), tokenizer, num_samples=8, seed=3)
-    other = load_calibration(str(math_jsonl), tokenizer, num_samples=8, seed=4)
+    first = load_calibration(recipe(math_jsonl, 8, 3), tokenizer)
+    again = load_calibration(recipe(math_jsonl, 8, 3), tokenizer)
+    other = load_calibration(recipe(math_jsonl, 8, 4), tokenizer)
     assert first.texts == again.texts and first.texts != other.texts
     assert len(set(first.texts)) == 8 == first.num_examples
     assert all("####" in text for text in first.texts)  # the answer is part of the example
@@ -69,23 +75,24 @@ def test_empty_and_too_small_sets(tmp_path, math_jsonl, tokenizer, caplog):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="empty.jsonl: no examples"):
-        load_calibration(str(empty), tokenizer, num_samples=4, seed=0)
+        load_calibration(recipe(empty, 4, 0), tokenizer)
     with pytest.raises(ConfigError, match="20 examples, but num_samples=30.*allow_fewer"):
-        load_calibration(str(math_jsonl), tokenizer, num_samples=30, seed=0)
+        load_calibration(recipe(math_jsonl, 30, 0), tokenizer)
     with caplog.at_level(logging.WARNING, logger="harness.calibration"):
-        fewer = load_calibration(str(math_jsonl), tokenizer, 30, 0, CalibrationSettings(allow_fewer=True))
+        fewer = load_calibration(recipe(math_jsonl, 30, 0, allow_fewer=True), tokenizer)
     assert fewer.num_examples == 20 and "using all 20 examples" in caplog.text
     with pytest.raises(ConfigError, match="calibration file not found"):
-        load_calibration(str(tmp_path / "missing.jsonl"), tokenizer, num_samples=4, seed=0)
+        load_calibration(recipe(tmp_path / "missing.jsonl", 4, 0), tokenizer)
 
 
-def test_right_padding_is_masked_and_max_length_cuts(tokenizer):
-    ids, mask = tokenize(["one", "one two three four"], tokenizer, max_length=4)
-    assert ids.shape == mask.shape == (2, 4)
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]  # <s> one [pad] [pad]; cut at 4 tokens
-    assert ids[0, 0].item() == tokenizer.bos_token_id
-    with pytest.raises(ConfigError, match="tokenizes to no tokens"):
-        tokenize([""], tokenizer, max_length=4, add_special_tokens=False)
+def test_right_padding_is_masked_and_max_length_cuts(tmp_path, tokenizer):
+    ids, mask = pad_rows([[5, 6], [5, 6, 7, 8]])
+    assert ids.tolist() == [[5, 6, 0, 0], [5, 6, 7, 8]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    rows = write_jsonl(tmp_path / "t.jsonl", [{"text": "one"}, {"text": "one two three four five"}])
+    data = load_calibration(recipe(rows, 2, 0, max_length=4), tokenizer)
+    assert data.input_ids.shape == (2, 4) and sorted(data.attention_mask.sum(1).tolist()) == [2, 4]
+    assert data.input_ids[0, 0].item() == tokenizer.bos_token_id  # `text` rows: as written, <s> first
 
 
 # ---------------------------------------------------------------------------------- templates
@@ -93,24 +100,25 @@ def test_right_padding_is_masked_and_max_length_cuts(tokenizer):
 
 def test_templates(tokenizer):
     example = Example("what is two", "four")
-    assert format_example(example, "plain", tokenizer) == "what is twofour"
-    assert format_example(Example("Q:", "four", " "), "plain", tokenizer) == "Q: four"
-    fastchat = format_example(example, "fastchat", tokenizer)
-    assert fastchat.endswith("USER: what is two ASSISTANT: four</s>")
-    assert fastchat.startswith("A chat between a curious user")
-    assert format_example(example, "<{prompt}|{response}>", tokenizer) == "<what is two|four>"
-    assert format_example(Example("as is"), "fastchat", tokenizer) == "as is"  # `text` rows
-    with pytest.raises(ConfigError, match="calibration.template"):
-        format_example(example, "vicuna", tokenizer)
+    assert render(example, tokenizer, "plain") == ("what is two", "what is twofour</s>")
+    assert render(Example("Q:", "four", " "), tokenizer, "plain")[1] == "Q: four</s>"
+    prompt, fastchat = render(example, tokenizer, "fastchat")
+    assert fastchat == prompt + " four</s>" and prompt.endswith("USER: what is two ASSISTANT:")
+    assert fastchat.startswith("<s>A chat between a curious user")
+    assert render(example, tokenizer, "<{prompt}|{response}>") == ("<what is two|", "<what is two|four>")
+    with pytest.raises(ConfigError, match="not chat, fastchat or plain"):
+        render(example, tokenizer, "vicuna")
 
 
 def test_chat_template_uses_the_tokenizer(tokenizer):
     tokenizer = word_tokenizer()
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
     )
-    text = format_example(Example("what is two", "four"), "chat", tokenizer)
+    prompt, text = render(Example("what is two", "four"), tokenizer, "chat")
     assert text == "user : what is two . assistant : four . "
+    assert prompt == "user : what is two . assistant : "
 
 
 # ------------------------------------------------------------------------- lm-eval train splits
@@ -154,8 +162,7 @@ def test_task_examples_come_from_the_train_split(task_dir, tokenizer):
     assert all("test only" not in e.prompt for e in examples)
     choices = task_examples("calib_mc", task_dir)
     assert choices[0] == Example("Pick: 0 plus 0", "red", " ")  # label 0 -> its choice text
-    data = load_calibration("calib_gen", tokenizer, 5, 1, CalibrationSettings(max_length=16),
-                            include_path=task_dir)
+    data = load_calibration(recipe("calib_gen", 5, 1, max_length=16), tokenizer, include_path=task_dir)
     assert data.num_examples == 5 and all(t.startswith("Q: ") for t in data.texts)
 
 
@@ -173,13 +180,25 @@ def _repo_fixture_tasks_with_train_split() -> list[str]:
     return names
 
 
-def test_repo_fixture_task_with_a_train_split(tokenizer):
+def test_repo_fixture_task_with_a_train_split():
+    """gsm8k_splits_fixture reads train and test rows from two files: calibration sees exactly
+    the train rows, formatted by the task's prompt, and never a test question."""
+    from harness.evaluation import local_catalog
+    from tasks.fixtures import read_fixture
+
     names = _repo_fixture_tasks_with_train_split()
-    if not names:
-        pytest.skip("no fixture task in tasks/ declares a train split yet (all use their test/"
-                    "validation rows); the lm-eval path is covered by the local tasks above")
-    data = load_calibration(names[0], tokenizer, 2, 0, CalibrationSettings(max_length=64))
-    assert data.num_examples == 2
+    assert "gsm8k_splits_fixture" in names
+    train, test = read_fixture("gsm8k_train.jsonl"), read_fixture("gsm8k.jsonl")
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    examples = task_examples("gsm8k_splits_fixture")
+    assert len(examples) == len(train)
+    assert [e.prompt for e in examples] == [f"Question: {r['question']}\nAnswer:" for r in train]
+    assert [e.response for e in examples] == [r["answer"] for r in train]
+    drawn = sample_examples(examples, 5, 0, False, "gsm8k_splits_fixture")
+    assert len(drawn) == 5 and not any(r["question"] in e.prompt for e in drawn for r in test)
+    # and lm-eval evaluates on the test rows only
+    task = local_catalog().manager.load(["gsm8k_splits_fixture"])["tasks"]["gsm8k_splits_fixture"]
+    assert [doc["question"] for doc in task.eval_docs] == [r["question"] for r in test]
 
 
 # ------------------------------------------------------------------------- config and tokenizers
@@ -198,8 +217,8 @@ def test_config_accepts_calibration_fields_and_resolves_relative_paths(tmp_path)
         calibration: {max_length: 64, template: fastchat}
         """))
     config = load_merge_config(path)
-    assert config.models[0].calibration == str(tmp_path / "math.jsonl")
-    assert config.models[1].calibration == "gsm8k"  # a task name stays a name
+    assert config.models[0].calibration.source == str(tmp_path / "math.jsonl")
+    assert config.models[1].calibration.source == "gsm8k"  # a task name stays a name
     assert config.calibration.template == "fastchat" and config.calibration.max_length == 64
     with pytest.raises(ValueError, match="extra"):
         MergeConfig.model_validate({"method": "slta", "models": [{"model": "x"}],

@@ -3,7 +3,7 @@
 Examples come from a JSONL file (rows with `prompt`/`response`, or `text`) or an lm-eval task's
 *train* split (`harness.calibration.load_examples`); N are drawn with `random.Random(seed)`
 (`sample_examples`). They are rendered exactly as the fine-tunes were trained
-(`harness.finetune.encode`: template "chat", "fastchat" or "plain"), so `labels` is -100 on every
+(`harness.prompts.encode`: template "chat", "fastchat" or "plain"), so `labels` is -100 on every
 prompt token and padding, and the token ids elsewhere: the answer tokens.
 
 Two scores of a model's answers, computed directly from its logits (no lm-eval, no generation):
@@ -22,7 +22,8 @@ import torch
 
 from harness.calibration import load_examples, sample_examples
 from harness.diagnostics.splits import held_out_part
-from harness.finetune import IGNORE, collate, encode_all
+from harness.finetune import collate, encode_all
+from harness.prompts import IGNORE
 
 METRICS = ("log_likelihood", "exact_match")
 
