@@ -22,6 +22,8 @@ from harness.runner import RunSummary
 DEMO_METHODS: list[dict[str, Any]] = [
     {"method": "linear"},
     {"method": "task_arithmetic", "grid": {"lambda": [0.5, 1.0]}},
+    # lambda chosen on held-out train rows (never on test), as the papers' baselines do
+    {"method": "task_arithmetic", "label": "task_arithmetic (held-out lambda)", "search": {}},
     {"method": "ties", "parameters": {"density": 0.5}},
     {"method": "dare_linear", "parameters": {"density": 0.5}},
     {"method": "dare_ties", "parameters": {"density": 0.5}},
@@ -59,9 +61,24 @@ def demo_methods(first_finetune: str) -> list[MethodRun]:
     return runs
 
 
-def demo_experiment(zoo, name: str = "demo", limit: int | None = None) -> Experiment:
+HELD_OUT_ROWS = 64  # per task, for the held-out lambda search
+
+
+def demo_experiment(
+    zoo, name: str = "demo", limit: int | None = None, held_out: dict[str, Path] | None = None
+) -> Experiment:
+    """Every method on the zoo; calibration in the template the fine-tunes were trained with.
+
+    `held_out`: task -> rows the fine-tunes never saw, for the held-out search (default: a held-out
+    part of each train file).
+    """
     finetunes = {
-        task: {"model": str(path), "task": zoo.tasks[task], "calibration": str(zoo.train_data[task])}
+        task: {
+            "model": str(path),
+            "task": zoo.tasks[task],
+            "calibration": {"source": str(zoo.train_data[task]), "template": zoo.template},
+            **({"held_out": str(held_out[task])} if held_out else {}),
+        }
         for task, path in zoo.finetunes.items()
     }
     return Experiment.model_validate(
@@ -113,12 +130,14 @@ def run_demo(
     from harness.models import torch_threads
     from harness.runner import run_experiment
     from harness.store import ResultStore
+    from harness.zoo import held_out_pairs, write_pairs
     from reports.commands import write_report
 
     out = Path(out)
     zoo = build_demo_zoo(zoo_kind, zoo_root, size, show_progress)
     name = f"demo-{zoo_kind}" + ("" if size == "toy" else f"-{size}") + (f"-limit{limit}" if limit else "")
-    experiment = demo_experiment(zoo, name=name, limit=limit)
+    held_out = write_pairs(out / "held_out", held_out_pairs(zoo, HELD_OUT_ROWS), "held_out")
+    experiment = demo_experiment(zoo, name=name, limit=limit, held_out=held_out)
     store_path = out / "results.sqlite"
     with ResultStore(store_path) as store, torch_threads(zoo_threads(zoo_kind, threads)):
         summary = run_experiment(experiment, store, show_progress=show_progress)

@@ -4,6 +4,7 @@
     base_model: ./zoo/base
     finetunes:                      # name -> model (+ the task it was tuned for, its calibration data)
       math: {model: ./zoo/math, task: gsm8k_fixture, calibration: ./zoo/math_train.jsonl}
+      qa: {model: ./zoo/qa, calibration: {source: ./zoo/qa_train.jsonl, template: chat, num_samples: 16}}
       code: {model: ./zoo/code, task: humaneval_sandboxed_fixture}
     methods:
       - method: task_arithmetic
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -30,10 +32,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import harness
-from harness.config import MergeConfig, Scalar, Setting, load_yaml, parse_config, relative_to
+from harness.config import (
+    CalibrationSource,
+    MergeConfig,
+    ModelEntry,
+    Scalar,
+    Setting,
+    calibration_relative_to,
+    load_yaml,
+    parse_config,
+    relative_to,
+)
 from harness.errors import ConfigError
 from harness.evaluation import EvalSettings
 from harness.models import resolve_model
+from harness.prompts import RECORD_FILE
+from harness.selection import Chosen, HeldOutSearch
 from harness.store import ResultStore, content_key
 
 STRICT = ConfigDict(extra="forbid")
@@ -44,7 +58,11 @@ class Finetune(BaseModel):
 
     model: str
     task: str | None = None  # the task it was fine-tuned for (reports normalise by it)
-    calibration: str | None = None  # JSONL file or task name for data-driven methods
+    # data for data-driven methods: a JSONL file or task name, or {source, template, num_samples,
+    # seed, allow_fewer}; the template defaults to the one the fine-tune recorded in training
+    calibration: CalibrationSource | None = None
+    # held-out train rows for `search:` (default: a held-out part of the calibration source)
+    held_out: str | None = None
 
 
 class MethodRun(BaseModel):
@@ -57,6 +75,22 @@ class MethodRun(BaseModel):
     model_parameters: dict[str, dict[str, Setting]] = Field(default_factory=dict)  # per fine-tune
     finetunes: list[str] | None = None  # a subset of the experiment's fine-tunes (default: all)
     dtype: str | None = None
+    search: HeldOutSearch | None = None  # pick one parameter on held-out train rows (selection.py)
+    oracle: bool = False  # report only the grid point best on the test scores, labelled "oracle"
+
+    @model_validator(mode="after")
+    def _one_way_to_choose(self) -> MethodRun:
+        if self.search and (self.oracle or self.search.parameter in self.grid):
+            raise ValueError(
+                f"search: {self.search.parameter!r} is searched; do not also grid it or set oracle"
+            )
+        if self.oracle and not self.grid:
+            raise ValueError("oracle: true needs a `grid:` to pick from")
+        return self
+
+    def chosen(self) -> Chosen:
+        """How this run's parameters are chosen (harness.selection)."""
+        return "held-out" if self.search else "oracle" if self.oracle else "set"
 
 
 class TaskRun(BaseModel):
@@ -105,7 +139,10 @@ def _relative_to(experiment: Experiment, root: Path) -> Experiment:
     """Paths in an experiment file are relative to that file."""
     finetunes = {
         name: ft.model_copy(
-            update={"model": relative_to(ft.model, root), "calibration": relative_to(ft.calibration, root)}
+            update={
+                "model": relative_to(ft.model, root),
+                "calibration": calibration_relative_to(ft.calibration, root),
+            }
         )
         for name, ft in experiment.finetunes.items()
     }
@@ -134,6 +171,62 @@ class ModelJob:
     merge: MergeConfig | None  # for merges
     identity: dict[str, Any]
     tasks: list[TaskJob] = field(default_factory=list)
+    search: SearchJob | None = None  # merges whose parameter is chosen on held-out train rows
+    chosen: Chosen = "set"  # how the merge's parameters were chosen (harness.selection)
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """A held-out search to run before merging: which parameter, on which train rows, rendered how."""
+
+    settings: HeldOutSearch
+    held_out: dict[str, str]  # fine-tune model -> its held-out source (a train JSONL or task)
+    whole_sources: bool  # True: `held_out:` files as they are; False: their held-out fraction
+    template: str
+    calibration: dict[str, str]  # fine-tune model -> calibration source (calibrated methods)
+
+    def identity(self, store: ResultStore | None, identify: bool = True) -> dict[str, Any]:
+        """The recipe by content: held-out files by hash (by path when not `identify`ing)."""
+
+        def data(ref: str) -> str | None:
+            return calibration_identity(ref, store) if identify else ref
+
+        record = self.settings.model_dump(mode="json")
+        return {**record, "held_out": [data(s) for s in self.held_out.values()],
+                "whole_sources": self.whole_sources, "template": self.template}
+
+
+def held_out_search(experiment: Experiment, run: MethodRun, merge: MergeConfig) -> SearchJob:
+    """The search of `run`: each fine-tune's `held_out:` rows, else its calibration source's
+    held-out part; one template for all (the fine-tunes' own)."""
+    from harness.calibration import resolve_template
+    from harness.config import CalibrationSettings
+    from harness.diagnostics.splits import check_selection_data
+
+    chosen = run.finetunes or list(experiment.finetunes)
+    used = {name: ft for name, ft in experiment.finetunes.items() if name in chosen}
+    sources, templates = {}, set()
+    explicit = {name for name, ft in used.items() if ft.held_out}
+    if explicit and explicit != set(used):
+        raise ConfigError(
+            f"finetunes: `held_out:` is set for {sorted(explicit)} only; set it for all or none"
+        )
+    for name, ft in used.items():
+        source = ft.held_out or (ft.calibration.source if ft.calibration else None)
+        if source is None:
+            raise ConfigError(
+                f"finetunes.{name}: `search:` needs held-out train rows (`held_out:` or `calibration:`)"
+            )
+        sources[ft.model] = source
+        entry = ft.calibration or CalibrationSource(source=source)
+        model_dir = resolve_model(ft.model) if Path(ft.model).exists() else None
+        where = f"finetunes.{name}.calibration"
+        templates.add(resolve_template(entry, CalibrationSettings(), model_dir, where))
+    if len(templates) != 1:
+        raise ConfigError(f"search: the fine-tunes were trained with different templates {sorted(templates)}")
+    check_selection_data(sources.values())  # never test rows; reads no file
+    calibration = {ft.model: ft.calibration.source for ft in used.values() if ft.calibration}
+    return SearchJob(run.search, sources, bool(explicit), templates.pop(), calibration)
 
 
 def file_sha256(path: Path, store: ResultStore | None) -> str:
@@ -155,7 +248,7 @@ def model_identity(ref: str, store: ResultStore | None) -> dict[str, Any]:
     """What identifies a model's weights: the hashes of its weight and config files."""
     path = resolve_model(ref)
     files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
-    files = [p for p in files if p.name not in {"trainer_state.json"}]
+    files = [p for p in files if p.name not in {"trainer_state.json", RECORD_FILE}]  # not weights
     return {"files": {p.name: file_sha256(p, store) for p in files}}
 
 
@@ -165,9 +258,70 @@ def calibration_identity(ref: str | None, store: ResultStore | None) -> str | No
     return file_sha256(Path(ref), store)
 
 
+def merge_identity(
+    merge: MergeConfig,
+    calibrated: bool,
+    identity: Callable[[str], dict[str, Any]],
+    where: dict[str, str],
+    store: ResultStore | None,
+    identify: bool = True,
+) -> dict[str, Any]:
+    """What determines a merge's weights. Data-driven methods add their calibration recipe (data
+    hash, resolved template, N / seed overrides, settings); per-tensor methods never read it."""
+    models = []
+    for entry in merge.models:
+        item = {"weights": identity(entry.model), "parameters": _plain(entry.parameters)}
+        if calibrated and entry.calibration is not None:
+            place = where.get(entry.model, "calibration")
+            item["calibration"] = recipe_identity(merge, entry, place, store, identify)
+        models.append(item)
+    out = {
+        "method": merge.method,
+        "parameters": _plain(merge.parameters),
+        "base": identity(merge.base_model),
+        "models": models,
+        "seed": merge.seed,
+        "dtype": merge.output_dtype,
+    }
+    if calibrated:
+        out["calibration"] = merge.calibration.model_dump(mode="json", exclude={"template"})
+    return out
+
+
+def recipe_identity(
+    merge: MergeConfig, entry: ModelEntry, where: str, store: ResultStore | None, identify: bool
+) -> dict:
+    """One fine-tune's calibration: its data by content, and the template it resolves to.
+
+    `identify` False (validating only, weights maybe not here): nothing is read, and a template
+    left to the fine-tune's record stays "recorded".
+    """
+    from harness.calibration import resolve_template
+
+    source = entry.calibration
+    if not identify:
+        template = source.template or merge.calibration.template or "recorded"
+        return {**source.model_dump(mode="json"), "template": template}
+    template = resolve_template(source, merge.calibration, resolve_model(entry.model), where)
+    return {
+        **source.model_dump(mode="json"),
+        "source": calibration_identity(source.source, store),
+        "template": template,
+    }
+
+
 def method_configs(experiment: Experiment) -> list[tuple[str, MergeConfig]]:
     """Expand every method's grid into (label, MergeConfig) pairs; labels must be unique."""
-    out: list[tuple[str, MergeConfig]] = []
+    return [(label, config) for label, _, config in method_points(experiment)]
+
+
+def method_points(experiment: Experiment) -> list[tuple[str, MethodRun, MergeConfig]]:
+    """(label, the method run it comes from, MergeConfig) per grid point.
+
+    A searched parameter starts at its grid's first value; the runner merges at the value the
+    held-out search chooses (`ModelJob.search`).
+    """
+    out: list[tuple[str, MethodRun, MergeConfig]] = []
     seen: dict[str, int] = {}
     for index, run in enumerate(experiment.methods):
         keys = sorted(run.grid)
@@ -182,7 +336,8 @@ def method_configs(experiment: Experiment) -> list[tuple[str, MergeConfig]]:
                     "give one of them a different `label` or parameters"
                 )
             seen[label] = index
-            out.append((label, _merge_config(experiment, run, point)))
+            start = {run.search.parameter: run.search.grid[0]} if run.search else {}
+            out.append((label, run, _merge_config(experiment, run, {**point, **start})))
     return out
 
 
@@ -191,7 +346,7 @@ def _merge_config(experiment: Experiment, run: MethodRun, point: dict[str, Scala
         {
             "model": ft.model,
             "parameters": run.model_parameters.get(name, {}),
-            **({"calibration": ft.calibration} if ft.calibration else {}),
+            **({"calibration": ft.calibration.model_dump(exclude_none=True)} if ft.calibration else {}),
         }
         for name, ft in experiment.finetunes.items()
         if run.finetunes is None or name in run.finetunes
@@ -237,34 +392,31 @@ def plan_jobs(
         )
         for name, ft in experiment.finetunes.items():
             jobs.append(ModelJob(name, "finetune", ft.model, None, identity(ft.model)))
-    for label, merge in method_configs(experiment):
-        validate_config(merge)
-        merge_identity = {
-            "method": merge.method,
-            "parameters": _plain(merge.parameters),
-            "base": identity(merge.base_model),
-            "models": [
-                {
-                    "weights": identity(entry.model),
-                    "parameters": _plain(entry.parameters),
-                    "calibration": calibration_identity(entry.calibration, store)
-                    if identify
-                    else entry.calibration,
-                }
-                for entry in merge.models
-            ],
-            "seed": merge.seed,
-            "dtype": merge.output_dtype,
-        }
-        jobs.append(ModelJob(label, "merge", None, merge, merge_identity))
+    where = {ft.model: f"finetunes.{name}.calibration" for name, ft in experiment.finetunes.items()}
+    for label, run, merge in method_points(experiment):
+        method = validate_config(merge)
+        calibrated = method.merge_model is not None
+        merge_id = merge_identity(merge, calibrated, identity, where, store, identify)
+        search = held_out_search(experiment, run, merge) if run.search else None
+        if search is not None:
+            merge_id["search"] = search.identity(store, identify)
+        jobs.append(ModelJob(label, "merge", None, merge, merge_id, search=search, chosen=run.chosen()))
     for job in jobs:
         attach_tasks(job, experiment.task_runs(), experiment.evaluation)
     return jobs
 
 
 def attach_tasks(job: ModelJob, task_runs: list[TaskRun], evaluation: EvalSettings) -> None:
-    """Add one keyed TaskJob per task to a model job."""
+    """Add one keyed TaskJob per task to a model job.
+
+    The key holds each task's declared version and a hash of its config (harness.task_identity),
+    so an edited task YAML never reuses results of the old one.
+    """
+    from harness.evaluation import catalog_for
+    from harness.task_identity import task_identity
+
     versions = {"harness": harness.__version__, "lm_eval": version("lm_eval")}
+    catalog = catalog_for([task.name for task in task_runs])
     for task in task_runs:
         overrides = {"limit": task.limit, "num_fewshot": task.num_fewshot}
         settings = evaluation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -273,6 +425,7 @@ def attach_tasks(job: ModelJob, task_runs: list[TaskRun], evaluation: EvalSettin
             "kind": job.kind,
             "model": job.identity,
             "task": task.name,
+            "task_definition": task_identity(task.name, catalog),
             "evaluation": settings.model_dump(mode="json"),
             "versions": versions,
         }

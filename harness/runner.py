@@ -18,8 +18,10 @@ from typing import Protocol
 
 import pandas as pd
 
-from harness.errors import ConfigError, HarnessError
-from harness.experiment import Experiment, ModelJob, TaskJob, plan_jobs
+from harness.config import MergeConfig
+from harness.errors import CheckpointError, ConfigError, HarnessError
+from harness.experiment import Experiment, ModelJob, TaskJob, file_sha256, plan_jobs
+from harness.models import resolve_model
 from harness.progress import progress_bar
 from harness.results import JobResult
 from harness.store import ResultStore
@@ -55,13 +57,48 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def load_job_model(job: ModelJob):
+def searched_merge(job: ModelJob) -> tuple[MergeConfig | None, dict | None]:
+    """The merge to build and, for a `search:` job, what the held-out search chose (else None)."""
+    if job.merge is None or job.search is None:
+        return job.merge, None
+    from harness.diagnostics.data import DataSettings
+    from harness.diagnostics.search import SearchSpec, search_coefficient
+
+    search, merge = job.search, job.merge
+    settings = search.settings
+    fixed = {k: v for k, v in merge.parameters.items() if k != settings.parameter}
+    finetunes = {entry.model: entry.model for entry in merge.models if entry.model in search.held_out}
+    spec = SearchSpec(
+        method=merge.method,
+        parameter=settings.parameter,
+        grid=settings.grid,
+        metric=settings.metric,
+        fixed=fixed,
+        calibration={m: s for m, s in search.calibration.items() if m in finetunes},
+    )
+    data = DataSettings(
+        num_samples=settings.num_samples,
+        seed=settings.seed,
+        template=search.template,
+        max_length=settings.max_length,
+        batch_size=settings.batch_size,
+        held_out_fraction=None if search.whole_sources else settings.held_out_fraction,
+    )
+    result = search_coefficient(merge.base_model, finetunes, search.held_out, spec, data)
+    chosen = {**merge.parameters, settings.parameter: result.chosen}
+    selected = {"by": "held-out", "parameter": settings.parameter, "value": result.chosen,
+                "metric": settings.metric, "score": result.best_score}
+    return merge.model_copy(update={"parameters": chosen}), selected
+
+
+def load_job_model(job: ModelJob, merge: MergeConfig | None = None):
     """(model, tokenizer, merge outcome or None): merges in memory, others from their directory."""
     from harness.engine import merge_state_dict
     from harness.models import build_model, load_pretrained, load_tokenizer, resolve_model
 
-    if job.merge is not None:
-        outcome = merge_state_dict(job.merge)
+    merge = merge or job.merge
+    if merge is not None:
+        outcome = merge_state_dict(merge)
         model = build_model(outcome.model_config, outcome.state)
         outcome.state = None  # the model owns the tensors now
         return model, load_tokenizer(outcome.tokenizer_dir), outcome
@@ -75,7 +112,8 @@ def run_model_job(job: ModelJob, pending: Sequence[TaskJob], experiment: str, si
 
     reset_peak_rss()  # the recorded peak is this job's: building the model and evaluating it
     start = time.perf_counter()
-    model, tokenizer, outcome = load_job_model(job)
+    merge, selected = searched_merge(job)
+    model, tokenizer, outcome = load_job_model(job, merge)
     build_seconds = time.perf_counter() - start
     coefficients = outcome.coefficients if outcome else []
     for task in pending:
@@ -88,7 +126,7 @@ def run_model_job(job: ModelJob, pending: Sequence[TaskJob], experiment: str, si
                 key=task.key,
                 experiment=experiment,
                 model_label=job.label,
-                spec=task.spec,
+                spec={**task.spec, "selected": selected} if selected else task.spec,
                 scores=list(report.scores),
                 coefficients=list(coefficients),
                 timings=timings,
@@ -165,14 +203,31 @@ def run_experiment(
     executor: Executor | None = None,
     show_progress: bool = True,
 ) -> RunSummary:
-    start = time.perf_counter()
-    executor = executor or LocalExecutor()
     store.ensure_experiment(experiment.name, experiment.model_dump(mode="json"))
     jobs = plan_jobs(experiment, store)
-    work, reused = pending_work(jobs, store, experiment.name)
+    return run_jobs(experiment.name, jobs, store, executor, show_progress)
+
+
+def run_jobs(
+    experiment: str,
+    jobs: list[ModelJob],
+    store: ResultStore,
+    executor: Executor | None = None,
+    show_progress: bool = True,
+) -> RunSummary:
+    """Reuse finished jobs, check the input weights, run the rest on `executor`, record each result.
+
+    The one job path of `run`, `eval` and the demo. A model with NaN/inf weights fails before any
+    evaluation: its jobs (and those of merges built from it) are marked failed, and the
+    `CheckpointError` naming file and tensor is raised.
+    """
+    start = time.perf_counter()
+    executor = executor or LocalExecutor()
+    work, reused = pending_work(jobs, store, experiment)
     total = sum(len(job.tasks) for job in jobs)
-    summary = RunSummary(experiment.name, total, reused, 0, labels=[job.label for job in jobs])
-    with progress_bar(total - reused, f"{experiment.name}: evaluating", show_progress) as advance:
+    summary = RunSummary(experiment, total, reused, 0, labels=[job.label for job in jobs])
+    check_input_weights(work, store)
+    with progress_bar(total - reused, f"{experiment}: evaluating", show_progress) as advance:
 
         def record(result: JobResult) -> None:
             store.record(result)
@@ -188,11 +243,68 @@ def run_experiment(
 
         def started(job: ModelJob, pending: list[TaskJob]) -> None:
             for task in pending:
-                store.mark_started(task.key, experiment.name, task.spec, label=job.label)
+                store.mark_started(task.key, experiment, task.spec, label=job.label)
 
-        executor.run(work, experiment.name, record, started, fail)
+        executor.run(work, experiment, record, started, fail)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+# ----------------------------------------------------------------------------- broken weights
+
+
+def input_models(job: ModelJob) -> list[str]:
+    """The model references a job reads weights from: itself, or a merge's base and inputs."""
+    if job.merge is None:
+        return [job.model_ref] if job.model_ref else []
+    return [job.merge.base_model, *(entry.model for entry in job.merge.models)]
+
+
+def check_input_weights(work: list[tuple[ModelJob, list[TaskJob]]], store: ResultStore) -> None:
+    """Every pending job's input weights are NaN/inf-free, or the jobs reading a broken model are
+    marked failed and its error is raised: a broken model gives no result, not a baseline score."""
+    errors: dict[str, CheckpointError | None] = {}
+    for ref in dict.fromkeys(ref for job, _ in work for ref in input_models(job)):
+        try:
+            check_finite_weights(resolve_model(ref), store)
+            errors[ref] = None
+        except CheckpointError as exc:
+            errors[ref] = exc
+    broken = [exc for exc in errors.values() if exc is not None]
+    if not broken:
+        return
+    for job, pending in work:
+        error = next((errors[ref] for ref in input_models(job) if errors[ref]), None)
+        for task in pending if error else ():
+            store.mark_failed(task.key, str(error))
+    raise broken[0]
+
+
+def check_finite_weights(path: Path, store: ResultStore | None) -> None:
+    """Read every tensor of a model directory once and refuse NaN or inf, naming file and tensor.
+
+    A file that passed is remembered in the store by its content hash, so each file costs one
+    pass ever; the check is the engine's own input check (`all_finite`, same message).
+    """
+    from harness.checkpoint import Checkpoint
+    from harness.engine import all_finite
+
+    checkpoint = Checkpoint.open(path)
+    by_file: dict[Path, list[str]] = {}
+    for name, info in checkpoint.tensors.items():
+        by_file.setdefault(info.file, []).append(name)
+    try:
+        for file, names in by_file.items():
+            digest = file_sha256(file, store)
+            if store is not None and store.weights_known_finite(digest):
+                continue
+            for name in names:
+                if not all_finite(checkpoint.read(name)):
+                    raise CheckpointError(f"{file}: tensor {name!r} contains NaN or inf")
+            if store is not None:
+                store.save_weights_finite(digest)
+    finally:
+        checkpoint.close()
 
 
 def summary_frame(store: ResultStore, experiment: str, order: Sequence[str] = ()) -> pd.DataFrame:

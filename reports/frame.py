@@ -5,7 +5,9 @@ slta at granularity attn_mlp; a grid's points are told apart by the parameters t
 Columns: one primary metric per task (`metrics.primary_metric`), in points, then "Avg." (mean over
 the tasks; missing if a task is missing) and the cost columns (merge seconds, peak RSS in MB).
 Optional blocks: *normalized* score = 100 * row / (the fine-tune tuned for that task, on that
-task), and *delta* = row - task arithmetic (the task_arithmetic row with the best average).
+task), and *delta* = row - task arithmetic (its held-out-selected row when there is one).
+Every merge row says how its hyper-parameters were chosen (`harness.selection`): as set, on
+held-out train rows, or "oracle" (a grid's best point on test, an upper bound).
 Bold ("best") = the best merge in each column, compared at the shown precision; the pre-trained
 model and the fine-tunes are references and only compete when there are no merges.
 
@@ -95,8 +97,8 @@ class ComparisonTable:
 
     def to_frame(self) -> pd.DataFrame:
         """One flat DataFrame: metadata, scores, then "<col> (norm. %)" and "<col> (Δ TA)"."""
-        meta = self.rows[["kind", "method", "params_text"]].rename(
-            columns={"params_text": "hyper-parameters"})
+        meta = self.rows[["kind", "method", "params_text", "chosen"]].rename(
+            columns={"params_text": "hyper-parameters", "chosen": "chosen by"})
         parts = [meta]
         suffix = {"score": "", "normalized": " (norm. %)", "delta": " (Δ TA)"}
         for block in self.blocks:
@@ -134,9 +136,14 @@ def _row_meta(results: pd.DataFrame, finetune_order: Sequence[str]) -> pd.DataFr
         kind = spec.get("kind") or ("merge" if method else "base" if label == "pre-trained"
                                     else "model")
         params = spec_params(spec) if method else {}
+        selected = spec.get("selected") if isinstance(spec.get("selected"), Mapping) else None
+        if selected:
+            params[selected["parameter"]] = selected["value"]
+        chosen = ("held-out" if selected else "set") if kind == "merge" else ""
         records.append({"id": str(label), "kind": kind, "method": method, "params": params,
-                        "params_text": m.format_params(params)})
+                        "chosen": chosen, "searched": selected["parameter"] if selected else None})
     meta = pd.DataFrame.from_records(records).set_index("id")
+    meta["params_text"] = [_params_text(row) for _, row in meta.iterrows()]
     meta["title"] = [_title(row_id, row) for row_id, row in meta.iterrows()]
     _disambiguate(meta)
     meta["order"] = [_order_key(row_id, row, finetune_order) for row_id, row in meta.iterrows()]
@@ -151,7 +158,38 @@ def _title(row_id: str, row: pd.Series) -> str:
     method = row["method"]
     if row["kind"] != "merge" or not (row_id == method or row_id.startswith(f"{method} (")):
         return row_id  # a custom label says what the user wants to read
-    return m.method_title(method, row["params"])
+    title = m.method_title(method, row["params"])
+    return f"{title} (held-out {row['searched']})" if row["chosen"] == "held-out" else title
+
+
+CHOSEN_TEXT = {"held-out": "chosen on held-out train rows",
+               "oracle": "oracle: the grid point best on the test scores"}
+
+
+def _params_text(row: pd.Series) -> str:
+    """'density=0.5', 'method defaults', 'lambda=0.35 (chosen on held-out train rows)'; ''
+    for the pre-trained model and the fine-tunes."""
+    if row["kind"] != "merge":
+        return ""
+    text = m.format_params(row["params"]) or "method defaults"
+    return f"{text} ({CHOSEN_TEXT[row['chosen']]})" if row["chosen"] in CHOSEN_TEXT else text
+
+
+def _keep_oracle_points(meta: pd.DataFrame, score: Block, oracle: Sequence[str]) -> pd.DataFrame:
+    """For each `oracle: true` grid (its label), keep only the point with the best test average
+    (ties: the first in table order), marked as an oracle: an upper bound, not a method."""
+    for prefix in oracle:
+        group = [i for i in meta.index if i == prefix or i.startswith(f"{prefix} (")]
+        averages = score.values.loc[group, AVERAGE].dropna()
+        if averages.empty:
+            continue
+        best = averages.idxmax()
+        meta = meta.drop(index=[i for i in group if i != best])
+        meta.at[best, "chosen"] = "oracle"
+        meta.at[best, "params_text"] = _params_text(meta.loc[best])
+        meta.at[best, "title"] = f"{meta.at[best, 'title']} (oracle)"
+    score.values = score.values.loc[meta.index]
+    return meta
 
 
 def _disambiguate(meta: pd.DataFrame) -> None:
@@ -266,22 +304,50 @@ def _delta_block(score: Block, columns: list[Column], meta: pd.DataFrame) -> Blo
         methods = sorted({str(x) for x in meta["method"].dropna()})
         raise ConfigError("delta vs task arithmetic needs a task_arithmetic row; this "
                           f"experiment has the methods: {', '.join(methods) or 'none'}")
+    held_out = [row for row in arithmetic if meta.at[row, "chosen"] == "held-out"]
     averages = score.values.loc[arithmetic, AVERAGE]
-    reference = averages.idxmax() if averages.notna().any() else arithmetic[0]
+    if held_out:
+        reference, why = held_out[0], "its lambda chosen on held-out train rows"
+    elif len(arithmetic) == 1:
+        reference, why = arithmetic[0], "the only task-arithmetic row"
+    else:
+        reference = averages.idxmax() if averages.notna().any() else arithmetic[0]
+        why = "the task-arithmetic row with the best test average: an oracle choice"
     titles = [c.title for c in columns] + [AVERAGE]
     values = score.values[titles] - score.values.loc[reference, titles]
-    note = (f"Δ TA: score minus {meta.at[reference, 'title']} (the task-arithmetic row with the "
-            "best average), in points.")
+    note = f"Δ TA: score minus {meta.at[reference, 'title']} ({why}), in points."
     return Block("delta", "Δ vs task arithmetic (points)", values, {c: 2 for c in titles},
                  score.lower_is_better & set(titles), signed=True, notes=[note])
+
+
+SANDBOX_COUNTS = {  # per-task counts from the sandboxed code tasks, told in the notes when > 0
+    "sandbox_errors": "samples the sandbox could not run (left out of pass@k)",
+    "timeouts": "samples that timed out",
+}
+
+
+def _sandbox_notes(results: pd.DataFrame, meta: pd.DataFrame, tasks: Sequence[str]) -> list[str]:
+    """'HumanEval: samples the sandbox could not run (...): TIES 2; Linear 1.' per task and count."""
+    counted = results[results["metric"].isin(SANDBOX_COUNTS.keys()) & results["task"].isin(tasks)
+                      & (results["value"] > 0) & results["label"].isin(meta.index)]
+    notes = []
+    for (task, metric), group in counted.groupby(["task", "metric"], sort=True):
+        rows = "; ".join(f"{meta.at[label, 'title']} {value:g}"
+                         for label, value in zip(group["label"], group["value"]))
+        notes.append(f"{m.task_title(task)}: {SANDBOX_COUNTS[metric]}: {rows}.")
+    return notes
 
 
 # ------------------------------------------------------------------------------------- table
 
 
 def build_table(results: pd.DataFrame, finetune_tasks: Mapping[str, str],
-                options: TableOptions = TableOptions(), family: str | None = None) -> ComparisonTable:
-    """The comparison table of the results of one experiment (a `results_frame`)."""
+                options: TableOptions = TableOptions(), family: str | None = None,
+                oracle: Sequence[str] = ()) -> ComparisonTable:
+    """The comparison table of the results of one experiment (a `results_frame`).
+
+    `oracle`: labels of grids (`oracle: true` methods) reduced to their best point on test.
+    """
     if results.empty:
         raise StoreError("there are no results to tabulate (the results frame is empty)")
     experiments = sorted(results["experiment"].unique())
@@ -295,7 +361,9 @@ def build_table(results: pd.DataFrame, finetune_tasks: Mapping[str, str],
     notes = ["Scores in points: " + "; ".join(
         f"{c.title} = {c.metric}" + (" x 100" if m.points_per_unit(c.metric) != 1 else "")
         for c in columns) + f". {AVERAGE} = mean over the tasks."]
+    notes += _sandbox_notes(results, meta, tasks)
     blocks = [_score_block(results, columns, meta, options.costs)]
+    meta = _keep_oracle_points(meta, blocks[0], oracle)
     if options.normalized:
         blocks.append(_normalized_block(blocks[0], columns, meta, finetune_tasks))
     if options.delta:
@@ -320,7 +388,7 @@ def comparison_table(store, experiment: str, options: TableOptions = TableOption
         order = [t for t in named if t in present] + sorted(present - set(named))
         options = dataclasses.replace(options, tasks=order)
     return build_table(results, source.finetune_tasks(config), options,
-                       source.model_family(config, experiment))
+                       source.model_family(config, experiment), source.oracle_labels(config))
 
 
 def comparison_frame(store, experiment: str, *, normalized: bool = False, delta: bool = False,

@@ -53,6 +53,12 @@ def finetune_tasks(config: Mapping[str, Any]) -> dict[str, str]:
             if isinstance(ft, Mapping) and isinstance(ft.get("task"), str)}
 
 
+def oracle_labels(config: Mapping[str, Any]) -> list[str]:
+    """Labels of the experiment's `oracle: true` grids (their rows: LABEL or "LABEL (...)")."""
+    return [str(run.get("label") or run.get("method")) for run in config.get("methods") or ()
+            if isinstance(run, Mapping) and run.get("oracle")]
+
+
 def model_family(config: Mapping[str, Any], experiment: str) -> str:
     """A short name for the base model ('Llama-2-7b-hf' for meta-llama/Llama-2-7b-hf)."""
     base = config.get("base_model")

@@ -352,8 +352,12 @@ def test_zoo_diagnostics_write_every_analysis_and_the_summary(ci_zoo, tmp_path):
     assert (tmp_path / "slta" / "slta_layer.csv").is_file()
     # the held-out rows continue the zoo's train stream: none of them was fine-tuned on
     seen = {json.loads(line)["prompt"] for line in zoo.train_data["math"].read_text().splitlines()}
-    held = [json.loads(line)["prompt"] for line in (tmp_path / "held_out" / "math_train.jsonl").open()]
-    assert len(held) == 16 and not seen & set(held)
+    select, score = (
+        [json.loads(line)["prompt"] for line in (tmp_path / "held_out" / f"math_{part}.jsonl").open()]
+        for part in ("select", "score")
+    )
+    assert len(select) == len(score) == 8 and not seen & set(select + score)
+    assert not set(select) & set(score)  # lambda is chosen on one half and scored on the other
     # the attention-only variant was trained with the zoo's recipe and only its attention moved
     attn_only = state_of(zoo.root.parent / f"{zoo.root.name}-attn_only" / "math")
     base = state_of(zoo.base)

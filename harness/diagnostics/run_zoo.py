@@ -3,9 +3,10 @@
 1. the zoo (`harness.zoo`, cached) gives the base and its fine-tunes (the "reference" variant:
    `full` for the toy zoo, `attn_only` for SmolLM2); the same fine-tuning recipe with another
    `trainable:` gives the other variants, cached next to the zoo;
-2. held-out train data: `train_pairs(task, n + held_out, seed)` draws the zoo's n fine-tuning
-   rows first (same seeded stream) and then `held_out` more, never seen in fine-tuning and never
-   a test prompt; only those extra rows are used for selection and scoring;
+2. held-out train data (`harness.zoo.held_out_pairs`): rows of the fine-tuning distribution
+   never seen in fine-tuning and never a test prompt, split in two disjoint halves: the lambda
+   search selects on the first, and every score (own scores, disentanglement, retained gain)
+   is taken on the second, so no value is scored on the rows it was chosen on;
 3. linearity (calibration = the zoo's train rows, as SLTA), disentanglement (held-out rows),
    the lambda search (held-out rows) and SLTA's coefficients (reference variant), written
    under `out` with a `summary.md`.
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.calibration import Example
 from harness.diagnostics.data import DataSettings, answer_batch
 from harness.diagnostics.disentanglement import disentanglement_report
 from harness.diagnostics.linearity import linearity_report, linearity_summary
@@ -37,8 +37,7 @@ from harness.diagnostics.tables import markdown_table
 from harness.errors import ConfigError
 from harness.finetune import TrainingSettings, read_pairs, save_model, train
 from harness.models import load_pretrained, load_tokenizer
-from harness.toytasks import train_pairs
-from harness.zoo import Zoo, write_pairs
+from harness.zoo import Zoo, held_out_pairs, write_pairs
 
 VARIANTS = ("full", "attn_only", "mlp_only")
 
@@ -116,16 +115,14 @@ def variant_finetunes(zoo: Zoo, recipe: ZooRecipe, trainable: str) -> dict[str, 
     return dirs
 
 
-def held_out_data(zoo: Zoo, recipe: ZooRecipe, count: int, out: Path) -> dict[str, Path]:
-    """`count` train-distribution rows per task that the fine-tunes never saw."""
-    seen_count, pairs = recipe.train_examples, {}
-    for task in zoo.finetunes:
-        rows = train_pairs(task, seen_count + count, recipe.seed)
-        drawn = [Example(row["prompt"], row["response"]) for row in rows[:seen_count]]
-        if drawn != read_pairs(zoo.train_data[task]):
-            raise RuntimeError(f"{task}: the zoo's train rows are not a prefix of train_pairs (zoo changed?)")
-        pairs[task] = rows[seen_count:]
-    return write_pairs(out / "held_out", pairs)
+def held_out_data(zoo: Zoo, count: int, out: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(selection rows, scoring rows): `count` rows per task the fine-tunes never saw, split in
+    two disjoint halves, so that a value chosen on the first is scored on the second."""
+    pairs = held_out_pairs(zoo, count)
+    half = {task: len(rows) // 2 for task, rows in pairs.items()}
+    select = write_pairs(out / "held_out", {t: rows[: half[t]] for t, rows in pairs.items()}, "select")
+    score = write_pairs(out / "held_out", {t: rows[half[t] :] for t, rows in pairs.items()}, "score")
+    return select, score
 
 
 def own_scores(
@@ -158,28 +155,31 @@ def retained_gain(own: pd.DataFrame, merges: dict[str, tuple[str, SearchPoint]])
 def search_sections(
     zoo: Zoo,
     finetunes: dict,
-    held_out: dict,
+    held_out: tuple[dict, dict],
     out: Path,
     data: DataSettings,
     own: pd.DataFrame,
     plan: ZooDiagnostics,
     reference: str,
 ) -> tuple[list, dict]:
-    """Task arithmetic's lambda per variant, and SLTA's merges scored on the same held-out rows."""
+    """Task arithmetic's lambda per variant, chosen on the selection rows; every merge (the
+    chosen lambda, lambda 1 and SLTA's) scored on the disjoint scoring rows."""
     forbidden = list(zoo.test_data.values())
+    select, score = held_out
     searches = {
         v: search_report(
-            zoo.base, dirs, held_out, out / f"search_{v}", SearchSpec(grid=plan.lambda_grid), data, forbidden
+            zoo.base, dirs, select, out / f"search_{v}", SearchSpec(grid=plan.lambda_grid), data, forbidden
         )[0]
         for v, dirs in finetunes.items()
     }
+
+    def scored(variant: str, spec: SearchSpec) -> SearchPoint:
+        return search_coefficient(zoo.base, finetunes[variant], score, spec, data, forbidden).curve[0]
+
     merges = {}
     for v, result in searches.items():
-        for value in (result.chosen, 1.0):
-            merges[f"task arithmetic, {v}, lambda = {value:g}"] = (
-                v,
-                next(p for p in result.curve if p.value == value),
-            )
+        for value in dict.fromkeys((result.chosen, 1.0)):
+            merges[f"task arithmetic, {v}, lambda = {value:g}"] = (v, scored(v, SearchSpec(grid=(value,))))
     for granularity in ("attn_mlp", "layer"):  # one "grid point": SLTA's merge, scored the same way
         spec = SearchSpec(
             method="slta",
@@ -188,15 +188,15 @@ def search_sections(
             calibration=dict(zoo.train_data),
             fixed={"granularity": granularity, "num_samples": plan.slta_samples},
         )
-        slta = search_coefficient(zoo.base, finetunes[reference], held_out, spec, data, forbidden)
-        merges[f"slta ({granularity}), {reference}"] = (reference, slta.curve[0])
-    sections = ["## Lambda search (held-out train rows)\n"]
+        merges[f"slta ({granularity}), {reference}"] = (reference, scored(reference, spec))
+    sections = ["## Lambda search (selection half of the held-out train rows)\n"]
     sections += [
         f"- {v}: chosen lambda {r.chosen:g}, mean log-likelihood {r.best_score:.4f}"
         for v, r in searches.items()
     ]
     sections += [
-        "\n## Gain retained by the merge: (LL_merge - LL_base) / (LL_fine-tune - LL_base)\n",
+        "\n## Gain retained by the merge, on the scoring half: "
+        "(LL_merge - LL_base) / (LL_fine-tune - LL_base)\n",
         markdown_table(retained_gain(own, merges), "merge"),
     ]
     return sections, searches
@@ -221,13 +221,14 @@ def run_zoo_diagnostics(zoo: Zoo, out: Path, plan: ZooDiagnostics, log=print) ->
     for variant in plan.variants:
         step(f"fine-tunes: {variant}")
         finetunes[variant] = variant_finetunes(zoo, recipe, variant)
-    held_out = held_out_data(zoo, recipe, plan.held_out, out)
+    held_out = held_out_data(zoo, plan.held_out, out)
+    score_rows = held_out[1]
     data = DataSettings(
         num_samples=plan.linearity_samples, seed=recipe.seed, template="chat", max_length=plan.max_length
     )
     all_rows = replace(data, num_samples=plan.held_out)
     step("held-out scores of every model")
-    own = own_scores(zoo.base, finetunes, held_out, all_rows)
+    own = own_scores(zoo.base, finetunes, score_rows, all_rows)
     sections = [
         f"# Diagnostics on the zoo {zoo.root.name}\n",
         "## Held-out answer log-likelihood (nats/token), each model on each task\n",
@@ -244,7 +245,7 @@ def run_zoo_diagnostics(zoo: Zoo, out: Path, plan: ZooDiagnostics, log=print) ->
     disentanglement_report(
         zoo.base,
         finetunes,
-        held_out,
+        score_rows,
         out / "disentanglement",
         plan.disentanglement_grid,
         replace(data, num_samples=plan.disentanglement_samples),

@@ -34,8 +34,7 @@ from harness.diagnostics.splits import check_selection_data
 from harness.engine import merge_state_dict
 from harness.errors import ConfigError
 from harness.models import build_model, load_tokenizer
-
-DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
+from harness.selection import DEFAULT_GRID
 
 
 @dataclass(frozen=True)
