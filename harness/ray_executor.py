@@ -1,18 +1,23 @@
 """Run model jobs on a Ray cluster (optional extra `ray`): one job per task, GPUs as resources.
 
 Workers build the model, evaluate it and *return* their results; the driver alone writes the
-SQLite store (SQLite must not be written from many hosts). A worker that dies (OOM, preemption,
-a killed process) is retried `max_retries` times by Ray; an error raised by the job itself (bad
-config, failed evaluation) is not retried and is recorded as that job's failure.
+SQLite store (SQLite must not be written from many hosts). The driver claims each job's tasks
+before dispatching it (the claims of `harness.claims`, renewed by the driver's heartbeat), so a
+local runner or another driver on the same store never computes them too. A worker that dies
+(OOM, preemption, a killed process) is retried `max_retries` times by Ray; an error raised by the
+job itself is not retried and is recorded as that job's failure, as with the local executor.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import ConfigError, HarnessError
 from harness.experiment import ModelJob, TaskJob
 from harness.results import JobResult
+
+if TYPE_CHECKING:
+    from harness.runner import Driver, Unit
 
 
 def run_remotely(job: ModelJob, pending: list[TaskJob], experiment: str) -> list[JobResult]:
@@ -48,14 +53,14 @@ class RayExecutor:
         self.max_retries = max_retries
         self.init_kwargs = init_kwargs or {}
 
-    def _gpus_per_job(self, work: list[tuple[ModelJob, list[TaskJob]]]) -> float:
+    def _gpus_per_job(self, work: list[Unit]) -> float:
         """One GPU per job when jobs run on CUDA, none for CPU jobs, unless set explicitly."""
         if self.num_gpus is not None:
             return self.num_gpus
         devices = {job.merge.device if job.merge else pending[0].settings.device for job, pending in work}
         return 1.0 if any(str(d).startswith("cuda") for d in devices) else 0.0
 
-    def run(self, work, experiment, sink, on_start, on_error) -> None:
+    def run(self, work: list[Unit], experiment: str, driver: Driver) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -68,19 +73,25 @@ class RayExecutor:
         )(self.job_function)
         running = {}
         for job, pending in work:
-            on_start(job, pending)
-            running[remote.remote(job, pending, experiment)] = (job, pending)
+            if tasks := driver.claim(job, pending):  # claimed before it is dispatched
+                running[remote.remote(job, tasks, experiment)] = (job, tasks)
         while running:
             (ready,), _ = ray.wait(list(running), num_returns=1)
-            job, pending = running.pop(ready)
-            try:
-                results = ray.get(ready)
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if isinstance(exc.cause, HarnessError) else exc
-                on_error(job, pending, cause)
-                continue
-            except ray.exceptions.RayError as exc:  # worker died more often than retried
-                on_error(job, pending, HarnessError(f"ray worker failed: {type(exc).__name__}: {exc}"))
-                continue
-            for result in results:
-                sink(result)
+            job, tasks = running.pop(ready)
+            with driver.holding(job, tasks):
+                for result in job_results(ready):
+                    driver.record(result)
+
+
+def job_results(ref) -> list[JobResult]:
+    """A finished Ray task's results, or the job's own exception (a dead worker: a HarnessError)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, Exception):
+            raise exc.cause from None
+        raise  # a cause that did not survive pickling: the RayTaskError is the failure
+    except ray.exceptions.RayError as exc:  # the worker died more often than retried
+        raise HarnessError(f"ray worker failed: {type(exc).__name__}: {exc}") from exc

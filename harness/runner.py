@@ -4,29 +4,40 @@ A model (pre-trained, fine-tune, or merge) is built only if one of its tasks is 
 happen in memory. Each task's result is committed to the store as soon as it exists, so a run
 killed at any point restarts where it stopped and never recomputes or overwrites a finished job.
 The executor decides where model jobs run; the driver alone writes the store.
+
+Several runners may share one store: a runner claims a model's unfinished tasks (`harness.claims`)
+just before building it and skips the tasks another live runner holds; after its pass it tries the
+skipped ones again, so a dead runner's jobs are taken over (`Claims.take` says when). Every
+executor goes through `Driver`, which holds the one failure policy: an exception raised by a job
+is that job's failure and the run goes on (KeyboardInterrupt and SystemExit are not caught).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import pandas as pd
 
+from harness.claims import DEFAULT_LEASE_S, Claims, heartbeat
 from harness.config import MergeConfig
 from harness.errors import CheckpointError, ConfigError, HarnessError
-from harness.experiment import Experiment, ModelJob, TaskJob, file_sha256, plan_jobs
+from harness.experiment import Experiment, ModelJob, TaskJob, plan_jobs
+from harness.job_identity import file_sha256
 from harness.models import resolve_model
 from harness.progress import progress_bar
 from harness.results import JobResult
-from harness.store import ResultStore
+from harness.store import ResultStore, utc_now
 
 ResultSink = Callable[[JobResult], None]
+Unit = tuple[ModelJob, list[TaskJob]]  # a model job and the tasks to evaluate it on
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +47,8 @@ class RunSummary:
     reused: int
     computed: int
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (label, task, error)
+    elsewhere: int = 0  # jobs another runner held, so this one did not compute them
+    elsewhere_unfinished: int = 0  # of those, not done when this run ended: a rerun picks them up
     seconds: float = 0.0
     labels: list[str] = field(default_factory=list)  # models in run order
 
@@ -137,19 +150,73 @@ def run_model_job(job: ModelJob, pending: Sequence[TaskJob], experiment: str, si
         )
 
 
+def failure_message(exc: Exception) -> str:
+    """The one line recorded for a failed job: a HarnessError's message, else type and first line."""
+    if isinstance(exc, HarnessError):
+        return " ".join(str(exc).split())
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class Driver:
+    """What every executor calls for a model job: `claim` it, `record` results, inside `holding`.
+
+    Writes the store from the driver's thread only; counts into the run's summary.
+    """
+
+    def __init__(self, store: ResultStore, claims: Claims, summary: RunSummary,
+                 advance: Callable[[], None]) -> None:
+        self.store, self.claims, self.summary, self.advance = store, claims, summary, advance
+        self.started_at = utc_now()
+        self.skipped: list[Unit] = []  # tasks another runner held when this one came to them
+        self.took = 0  # tasks claimed in the current pass
+
+    def claim(self, job: ModelJob, pending: list[TaskJob]) -> list[TaskJob]:
+        """Claim the job's tasks that are still unfinished and free; mark them started."""
+        held = set(self.claims.take([t.key for t in pending], failed_since=self.started_at))
+        mine = [task for task in pending if task.key in held]
+        if others := [task for task in pending if task.key not in held]:
+            self.skipped.append((job, others))
+        for task in mine:
+            self.store.mark_started(task.key, self.summary.experiment, task.spec, label=job.label)
+        self.took += len(mine)
+        return mine
+
+    def record(self, result: JobResult) -> None:
+        self.store.record(result)
+        self.summary.computed += 1
+        self.advance()
+
+    @contextlib.contextmanager
+    def holding(self, job: ModelJob, tasks: list[TaskJob]) -> Iterator[None]:
+        """Around one claimed job: an exception in the body fails its unfinished tasks (the
+        run goes on); the claims are released however the body ends."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - the failure policy: any error fails this job only
+            logger.debug("job %s failed", job.label, exc_info=exc)
+            self.fail(job, tasks, failure_message(exc))
+        finally:
+            self.claims.release([task.key for task in tasks])
+
+    def fail(self, job: ModelJob, tasks: list[TaskJob], message: str) -> None:
+        for task in tasks:
+            if not self.store.has_result(task.key):
+                self.store.mark_failed(task.key, message)
+                self.summary.failed.append((job.label, task.task, message))
+                self.advance()
+
+
 class Executor(Protocol):
-    """Runs model jobs somewhere and hands their results back to the driver."""
+    """Runs claimed model jobs somewhere; the results come back to the driver.
+
+    For each unit of `work`: `tasks = driver.claim(job, pending)`, skip it if empty, and hand
+    the results to `driver.record` inside `with driver.holding(job, tasks):`.
+    """
 
     name: str
 
-    def run(
-        self,
-        work: list[tuple[ModelJob, list[TaskJob]]],
-        experiment: str,
-        sink: ResultSink,
-        on_start: Callable[[ModelJob, list[TaskJob]], None],
-        on_error: Callable[[ModelJob, list[TaskJob], Exception], None],
-    ) -> None: ...
+    def run(self, work: list[Unit], experiment: str, driver: Driver) -> None: ...
 
 
 class LocalExecutor:
@@ -157,13 +224,11 @@ class LocalExecutor:
 
     name = "local"
 
-    def run(self, work, experiment, sink, on_start, on_error) -> None:
+    def run(self, work: list[Unit], experiment: str, driver: Driver) -> None:
         for job, pending in work:
-            on_start(job, pending)
-            try:
-                run_model_job(job, pending, experiment, sink)
-            except HarnessError as exc:
-                on_error(job, pending, exc)
+            if tasks := driver.claim(job, pending):  # claimed just before building the model
+                with driver.holding(job, tasks):
+                    run_model_job(job, tasks, experiment, driver.record)
 
 
 EXECUTOR_NAMES = ("local", "ray")
@@ -202,10 +267,11 @@ def run_experiment(
     store: ResultStore,
     executor: Executor | None = None,
     show_progress: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> RunSummary:
     store.ensure_experiment(experiment.name, experiment.model_dump(mode="json"))
     jobs = plan_jobs(experiment, store)
-    return run_jobs(experiment.name, jobs, store, executor, show_progress)
+    return run_jobs(experiment.name, jobs, store, executor, show_progress, lease_s)
 
 
 def run_jobs(
@@ -214,12 +280,14 @@ def run_jobs(
     store: ResultStore,
     executor: Executor | None = None,
     show_progress: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> RunSummary:
     """Reuse finished jobs, check the input weights, run the rest on `executor`, record each result.
 
     The one job path of `run`, `eval` and the demo. A model with NaN/inf weights fails before any
     evaluation: its jobs (and those of merges built from it) are marked failed, and the
-    `CheckpointError` naming file and tensor is raised.
+    `CheckpointError` naming file and tensor is raised. Claims last `lease_s` seconds and are
+    renewed every lease/4 while the run lasts.
     """
     start = time.perf_counter()
     executor = executor or LocalExecutor()
@@ -227,27 +295,33 @@ def run_jobs(
     total = sum(len(job.tasks) for job in jobs)
     summary = RunSummary(experiment, total, reused, 0, labels=[job.label for job in jobs])
     check_input_weights(work, store)
+    claims = Claims(store, lease_s=lease_s)
     with progress_bar(total - reused, f"{experiment}: evaluating", show_progress) as advance:
-
-        def record(result: JobResult) -> None:
-            store.record(result)
-            summary.computed += 1
+        driver = Driver(store, claims, summary, advance)
+        try:
+            with heartbeat(claims):
+                skipped = share_work(executor, work, experiment, driver)
+        finally:
+            claims.release()  # e.g. on Ctrl-C: the others need not wait for the lease
+        keys = [task.key for _, tasks in skipped for task in tasks]
+        summary.elsewhere = len(keys)
+        summary.elsewhere_unfinished = sum(not store.has_result(key) for key in keys)
+        for _ in keys:
             advance()
-
-        def fail(job: ModelJob, pending: list[TaskJob], exc: Exception) -> None:
-            for task in pending:
-                if not store.has_result(task.key):
-                    store.mark_failed(task.key, str(exc))
-                    summary.failed.append((job.label, task.task, str(exc)))
-                    advance()
-
-        def started(job: ModelJob, pending: list[TaskJob]) -> None:
-            for task in pending:
-                store.mark_started(task.key, experiment, task.spec, label=job.label)
-
-        executor.run(work, experiment, record, started, fail)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def share_work(executor: Executor, work: list[Unit], experiment: str, driver: Driver) -> list[Unit]:
+    """Run `work`, then again the tasks other runners held, as long as a pass claims any of
+    them (a dead runner's claims lapse after their lease). Returns what others held at the end."""
+    while work:
+        driver.skipped, driver.took = [], 0
+        executor.run(work, experiment, driver)
+        if not driver.took:
+            break
+        work = driver.skipped
+    return driver.skipped
 
 
 # ----------------------------------------------------------------------------- broken weights

@@ -8,6 +8,8 @@
   produced it. A runner that reuses a finished key in another experiment calls `attach`.
 - WAL journal, foreign keys on; each write is one `BEGIN IMMEDIATE` transaction, so a killed run
   leaves no partial job, and a second writer waits `timeout_s` and then fails with a `StoreError`.
+- Several runners may share one store (one machine, local disk): `harness.claims` keeps their
+  claims on jobs in the same file, so each job is computed once.
 - Leaderboards are queries (`results_frame`), never stored copies. Schema: `store_migrations.py`.
 """
 
@@ -52,7 +54,8 @@ def content_key(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(spec)).encode("utf-8")).hexdigest()
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The time as the store writes it (ISO 8601, UTC, milliseconds): such strings sort by time."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -141,6 +144,10 @@ class ResultStore:
             self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield self._conn
 
+    def transaction(self, doing: str, *, write: bool = True):
+        """`_tx` for the store's companion modules (`harness.claims`): errors name `doing`."""
+        return self._tx(doing, write=write)
+
     def _refuse_foreign_database(self) -> None:
         tables = [r[0] for r in self._conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
@@ -158,10 +165,10 @@ class ResultStore:
                 "INSERT INTO experiments (name, config_json, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                 "config_json = excluded.config_json, updated_at = excluded.updated_at",
-                (name, config_json, _now(), _now()))
+                (name, config_json, utc_now(), utc_now()))
 
     def _ensure_experiment_row(self, experiment: str) -> None:
-        now = _now()
+        now = utc_now()
         self._conn.execute("INSERT OR IGNORE INTO experiments (name, created_at, updated_at) "
                            "VALUES (?, ?, ?)", (experiment, now, now))
 
@@ -189,8 +196,8 @@ class ResultStore:
             conn.execute(
                 "INSERT INTO jobs (key, experiment, label, spec_json, status, created_at, "
                 f"started_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) {update}",
-                (key, experiment, label, spec_json, status, _now(),
-                 None if status == "pending" else _now()))
+                (key, experiment, label, spec_json, status, utc_now(),
+                 None if status == "pending" else utc_now()))
             self._add_to_experiment(key, experiment)
 
     def mark_pending(self, key: str, experiment: str, spec: Mapping[str, Any], *,
@@ -209,7 +216,7 @@ class ResultStore:
             if not conn.execute("SELECT 1 FROM jobs WHERE key = ?", (key,)).fetchone():
                 raise StoreError(f"{self.path} has no job {key}; call mark_started first")
             conn.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? "
-                         "WHERE key = ? AND status != 'done'", (error, _now(), key))
+                         "WHERE key = ? AND status != 'done'", (error, utc_now(), key))
 
     def jobs(self, experiment: str | None = None) -> list[dict[str, Any]]:
         """Every job (any status) with its times and error, oldest first."""
@@ -247,7 +254,7 @@ class ResultStore:
 
     def save_weights_finite(self, sha256: str) -> None:
         with self._tx("saving a weight check") as conn:
-            conn.execute("INSERT OR IGNORE INTO finite_weights VALUES (?, ?)", (sha256, _now()))
+            conn.execute("INSERT OR IGNORE INTO finite_weights VALUES (?, ?)", (sha256, utc_now()))
 
     def has_result(self, key: str) -> bool:
         with self._errors(f"looking up job {key}"):
@@ -299,7 +306,7 @@ class ResultStore:
                 f"{existing.experiment!r}) already has a different finished result (the "
                 f"{differ} differ; new one from experiment {r.experiment!r}); pass replace=True "
                 "to overwrite it")
-        q, now = self._conn.execute, _now()
+        q, now = self._conn.execute, utc_now()
         self._ensure_experiment_row(r.experiment)
         q("INSERT INTO jobs (key, experiment, label, spec_json, status, created_at, started_at, "
           "finished_at, peak_rss_mb) VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?) "

@@ -116,6 +116,21 @@ CREATE TABLE finite_weights (
 );
 """,
     ),
+    (
+        # Several runners on one store: a runner computes a job only while it holds its claim.
+        # A claim lapses at expires_at (Unix seconds) unless its owner renews it (heartbeat), so a
+        # dead runner's jobs are taken over; finishing or failing a job deletes its claim.
+        "0005_claims",
+        """
+CREATE TABLE claims (
+    job_key    TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    claimed_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX claims_by_owner ON claims(owner);
+""",
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
-"""The Ray executor on a local Ray instance: same results as local, retries, one record per job."""
+"""The Ray executor on a local Ray instance: same results as local, retries, one record per job,
+the local executor's failure policy, and the same job claims (the driver claims before dispatch)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.experiment import load_experiment
+from harness.claims import Claims
+from harness.experiment import load_experiment, plan_jobs
 from harness.runner import LocalExecutor, run_experiment
 from harness.store import ResultStore
 from tests.conftest import write_experiment
@@ -30,6 +32,14 @@ def crash_first_attempt(job, pending, experiment):
 
 class CrashingRayExecutor(RayExecutor):
     job_function = staticmethod(crash_first_attempt)
+
+
+def fail_unexpectedly(job, pending, experiment):
+    raise ValueError(f"no luck with {job.label}\nmore detail")
+
+
+class FailingRayExecutor(RayExecutor):
+    job_function = staticmethod(fail_unexpectedly)
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +72,18 @@ def test_ray_gives_local_results_retries_a_killed_worker_and_records_once(local_
         assert len(jobs) == 4 and {job["status"] for job in jobs} == {"done"}
         again = run_experiment(experiment, ray_store, CrashingRayExecutor(), show_progress=False)
         assert (again.computed, again.reused) == (0, 4)
+
+
+def test_ray_records_any_job_error_in_one_line_and_skips_held_jobs(local_ray, chat_zoo, tmp_path):
+    methods = "  - method: task_arithmetic\n    parameters: {lambda: 0.7}\n  - method: ties\n"
+    path = write_experiment(tmp_path / "e.yaml", chat_zoo, tmp_path / "s.sqlite", methods)
+    experiment = load_experiment(path).model_copy(update={"baselines": False})
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        ties = next(job for job in plan_jobs(experiment, store) if job.label == "ties")
+        Claims(store, "another-runner", lease_s=600).take([task.key for task in ties.tasks])
+        summary = run_experiment(experiment, store, FailingRayExecutor(), show_progress=False)
+        assert (summary.computed, summary.elsewhere, summary.elsewhere_unfinished) == (0, 2, 2)
+        assert {(label, error) for label, _, error in summary.failed} == {
+            ("task_arithmetic", "ValueError: no luck with task_arithmetic")}
+        statuses = {job["label"]: job["status"] for job in store.jobs(experiment.name)}
+        assert statuses == {"task_arithmetic": "failed", "ties": "pending"}  # ties never dispatched

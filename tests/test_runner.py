@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.claims import Claims
 from harness.errors import ConfigError, EvaluationError
 from harness.experiment import load_experiment, method_configs, plan_jobs
 from harness.runner import run_experiment, summary_frame
@@ -173,3 +174,63 @@ def test_two_merges_on_all_six_fixture_tasks_land_in_sqlite(chat_zoo, tmp_path):
     ]:
         assert expected in metrics
     assert all(value == value for *_, value in rows)  # no NaN
+
+
+TWO_MERGES = "  - method: task_arithmetic\n    parameters: {lambda: 0.5}\n  - method: ties\n"
+
+
+def two_merge_experiment(zoo, tmp_path):
+    path = write_experiment(tmp_path / "e.yaml", zoo, tmp_path / "s.sqlite", TWO_MERGES)
+    return load_experiment(path).model_copy(update={"baselines": False})
+
+
+def test_jobs_another_live_runner_holds_are_counted_not_failed_and_a_rerun_takes_them(chat_zoo, tmp_path):
+    experiment = two_merge_experiment(chat_zoo, tmp_path)
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        ties = next(job for job in plan_jobs(experiment, store) if job.label == "ties")
+        other = Claims(store, "another-runner", lease_s=600)
+        assert len(other.take([task.key for task in ties.tasks])) == 2
+        summary = run_experiment(experiment, store, show_progress=False)
+        assert (summary.computed, summary.failed) == (2, [])
+        assert (summary.elsewhere, summary.elsewhere_unfinished) == (2, 2)
+        statuses = {job["label"]: job["status"] for job in store.jobs(experiment.name)}
+        assert statuses == {"task_arithmetic": "done", "ties": "pending"}
+        other.release()  # the other runner stops (or its lease runs out): a rerun picks them up
+        rerun = run_experiment(experiment, store, show_progress=False)
+        assert (rerun.reused, rerun.computed, rerun.elsewhere) == (2, 2, 0)
+
+
+def test_any_exception_in_a_job_is_its_one_line_failure_and_the_run_goes_on(chat_zoo, tmp_path, monkeypatch):
+    import harness.runner as runner
+
+    original = runner.run_model_job
+
+    def broken_ties(job, pending, experiment, sink):
+        if job.label == "ties":
+            raise ValueError("unexpected\nsecond line of detail")
+        original(job, pending, experiment, sink)
+
+    monkeypatch.setattr(runner, "run_model_job", broken_ties)
+    experiment = two_merge_experiment(chat_zoo, tmp_path)
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        summary = run_experiment(experiment, store, show_progress=False)
+        assert summary.computed == 2
+        assert {(label, error) for label, _, error in summary.failed} == {("ties", "ValueError: unexpected")}
+        statuses = {job["label"]: job["status"] for job in store.jobs(experiment.name)}
+        assert statuses == {"task_arithmetic": "done", "ties": "failed"}
+
+
+def test_keyboard_interrupt_is_not_swallowed_and_releases_the_claims(chat_zoo, tmp_path, monkeypatch):
+    import harness.runner as runner
+
+    def interrupted(job, pending, experiment, sink):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_model_job", interrupted)
+    experiment = two_merge_experiment(chat_zoo, tmp_path)
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(experiment, store, show_progress=False)
+        assert {job["status"] for job in store.jobs(experiment.name)} == {"running", "pending"}
+    with sqlite3.connect(tmp_path / "s.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM claims").fetchone() == (0,)
