@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import torch
 
+from harness.atomic import LOCK_FILE, make_temp_dir, release
 from harness.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -116,8 +117,10 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"{path} is a file, not a model directory")
         if not path.is_dir():
-            raise CheckpointError(f"{path}: not a model directory")
+            raise CheckpointError(f"{path}: model directory not found")
         return cls(path, read_config(path), index_tensors(path))
 
     @property
@@ -294,10 +297,8 @@ class ShardedWriter:
         check_output_dir(self.out_dir, force)
         self.shards = plan_shards(infos, max_shard_bytes)
         self.names = shard_names(len(self.shards))
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        try:
-            self.tmp_dir.mkdir(parents=True)
+        try:  # a hidden, locked dir; stale ones of killed merges in the same parent go first
+            self.tmp_dir, self._lock_fd = make_temp_dir(self.out_dir)
         except OSError as exc:
             raise CheckpointError(f"{self.out_dir}: output directory is not writable: {exc}") from exc
         self._order: Iterator[tuple[int, TensorInfo]] = (
@@ -335,7 +336,10 @@ class ShardedWriter:
             copy_sidecars(sidecar_source, self.tmp_dir)
         if config is not None:
             (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (self.tmp_dir / LOCK_FILE).unlink()  # the fd keeps the lock until the rename is done
         replace_dir(self.tmp_dir, self.out_dir)
+        release(self._lock_fd)
+        self._lock_fd = None
         return self.out_dir
 
     def _write_index(self) -> None:
@@ -348,6 +352,8 @@ class ShardedWriter:
         if self._handle:
             self._handle.close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        release(self._lock_fd)
+        self._lock_fd = None
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
@@ -356,6 +362,29 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
         raise CheckpointError(f"{out_dir}: output path exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise CheckpointError(f"{out_dir}: output directory is not empty (use --force to replace)")
+
+
+def check_not_an_input(out_dir: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output that is, contains or lies inside an input model (`--force` or not).
+
+    Real paths are compared, so a symlink to an input is caught too: replacing it would destroy
+    the model being read.
+    """
+    out = Path(out_dir).resolve()
+    for what, path in inputs.items():
+        model = Path(path).resolve()
+        if out == model:
+            relation = "is"
+        elif model.is_relative_to(out):
+            relation = "contains"
+        elif out.is_relative_to(model):
+            relation = "lies inside"
+        else:
+            continue
+        raise CheckpointError(
+            f"{out_dir}: output directory {relation} the input model {what}; "
+            "choose another output directory"
+        )
 
 
 def copy_sidecars(source: Path, dest: Path) -> None:

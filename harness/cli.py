@@ -159,10 +159,16 @@ def merge(
     )
 
 
-def open_store(path: str | None):
-    from harness.store import DEFAULT_STORE_PATH, ResultStore
+def default_store_path() -> str:
+    from harness.store import DEFAULT_STORE_PATH
 
-    return ResultStore(path or DEFAULT_STORE_PATH)
+    return str(DEFAULT_STORE_PATH)
+
+
+def open_store(path: str | None):
+    from harness.store import ResultStore
+
+    return ResultStore(path or default_store_path())
 
 
 def format_cell(value) -> str:
@@ -182,18 +188,28 @@ def print_frame(frame, title: str) -> None:
     console.print(table)
 
 
-def dry_run_listing(experiment, store) -> None:
-    """Validate an experiment and list its jobs; weights absent here are validated by reference."""
-    from harness.errors import CheckpointError
-    from harness.experiment import plan_jobs
+def dry_run_listing(experiment, store_path: str) -> None:
+    """Validate an experiment and list its jobs; weights absent here are validated by reference.
+
+    Creates nothing: an existing store is only read, to count the finished jobs.
+    """
+    from harness.experiment import plan_jobs, resolve_models, validate_experiment
+    from harness.models import ModelNotFound
 
     try:
-        jobs, identified = plan_jobs(experiment, store), True
-    except CheckpointError as exc:
+        resolve_models(experiment)
+    except ModelNotFound as exc:
         console.print(f"[yellow]weights not available here ({exc}); validating the config only[/]")
-        jobs, identified = plan_jobs(experiment, store, identify=False), False
-    for job in jobs:
-        done = sum(store.has_result(t.key) for t in job.tasks) if identified else 0
+        jobs, identified = plan_jobs(experiment, None, identify=False), False
+    else:
+        jobs, identified = validate_experiment(experiment), Path(store_path).exists()
+    if identified:
+        with open_store(store_path) as store:
+            jobs = plan_jobs(experiment, store)
+            finished = [sum(store.has_result(t.key) for t in job.tasks) for job in jobs]
+    else:
+        finished = [0] * len(jobs)
+    for job, done in zip(jobs, finished):
         console.print(f"{job.kind:8} {job.label}: {len(job.tasks)} tasks ({done} finished)")
     console.print(f"{experiment.name}: valid; {sum(len(j.tasks) for j in jobs)} jobs in {len(jobs)} models")
 
@@ -206,10 +222,17 @@ def run(
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the jobs; run nothing."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    lease_s: float = typer.Option(
+        120.0, "--lease-s", min=1.0,
+        help="Claim lease: a job held by a runner without a heartbeat for this long is taken over.",
+    ),
 ) -> None:
-    """Run every (model, task) job of an experiment; finished jobs are reused, never recomputed."""
+    """Run every (model, task) job of an experiment; finished jobs are reused, never recomputed.
+
+    Several runners on one store share the work: each job is claimed, so it is computed once.
+    """
     from harness.evaluation import chat_template_warnings, check_backend
-    from harness.experiment import load_experiment
+    from harness.experiment import load_experiment, validate_experiment
     from harness.runner import make_executor, run_experiment, summary_frame
 
     experiment = load_experiment(experiment_file)
@@ -218,18 +241,23 @@ def run(
         check_backend(experiment.evaluation.backend)  # before hashing, merging or evaluating anything
     for warning in chat_template_warnings([t.name for t in experiment.task_runs()], experiment.evaluation):
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    with open_store(store_path or experiment.store) as store:
-        if dry_run:
-            dry_run_listing(experiment, store)
-            return
-        summary = run_experiment(experiment, store, chosen, show_progress=not quiet)
+    store_path = store_path or experiment.store or default_store_path()
+    if dry_run:
+        dry_run_listing(experiment, store_path)
+        return
+    validate_experiment(experiment)  # every bad input fails here, before the store file exists
+    with open_store(store_path) as store:
+        summary = run_experiment(experiment, store, chosen, show_progress=not quiet, lease_s=lease_s)
         frame = summary_frame(store, experiment.name, summary.labels)
     if not frame.empty:
         print_frame(frame, f"{experiment.name} ({store.path})")
+    elsewhere = f"{summary.elsewhere} held by another runner, " if summary.elsewhere else ""
     console.print(
         f"{summary.total} jobs: {summary.reused} reused, {summary.computed} computed, "
-        f"{len(summary.failed)} failed in {summary.seconds:.1f} s"
+        f"{elsewhere}{len(summary.failed)} failed in {summary.seconds:.1f} s"
     )
+    if summary.elsewhere_unfinished:
+        console.print(f"{summary.elsewhere_unfinished} of them unfinished here: run again later for any left")
     for label, task, error in summary.failed:
         err_console.print(f"[red]failed[/] {label} / {task}: {error}", highlight=False)
     if summary.failed:

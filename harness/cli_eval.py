@@ -98,8 +98,9 @@ def eval_model(
 ) -> None:
     """Evaluate one model on some tasks with lm-eval, as `lm_eval --model hf` would, and store the
     result; a result already stored for the same weights and settings is reused."""
-    from harness.evaluation import EvalSettings, chat_template_warnings, check_backend
+    from harness.evaluation import EvalSettings, chat_template_warnings, check_backend, check_tasks
     from harness.experiment import single_model_job
+    from harness.models import resolve_model
     from harness.runner import run_jobs
     from harness.store import DEFAULT_STORE_PATH, ResultStore
 
@@ -115,12 +116,20 @@ def eval_model(
     )
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     check_backend(settings.backend)
+    check_tasks(names)  # bad input fails before the store file is created
+    resolve_model(model)
     with ResultStore(store_path or DEFAULT_STORE_PATH) as store:
         job = single_model_job(model, names, settings, store)
         for warning in chat_template_warnings(names, settings):
             err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         summary = run_jobs("eval", [job], store, show_progress=not quiet)
         results = [store.get_result(t.key) for t in job.tasks]
+    if summary.elsewhere_unfinished:
+        err_console.print(
+            f"[yellow]warning:[/] {summary.elsewhere_unfinished} task(s) are being evaluated by another "
+            "runner on this store; run `eval` again when it is done", highlight=False,
+        )
+        results = [result for result in results if result is not None]
     for label, task, error in summary.failed:
         err_console.print(f"[bold red]error:[/] {escape(label)} / {task}: {escape(error)}", highlight=False)
     if summary.failed:

@@ -191,12 +191,17 @@ def format_loc(loc: tuple) -> str:
     return out
 
 
+def locate(source: str, lines: dict[tuple, int], loc: tuple) -> str:
+    """'file:line' of the field at `loc` (or of its nearest parent the YAML holds), else 'file'."""
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    return f"{source}:{line}" if line else source
+
+
 def validation_error(source: str, exc: ValidationError, lines: dict[tuple, int]) -> ConfigError:
     """Turn pydantic's error into one line: file:line: field.path: message."""
     first = exc.errors()[0]
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p[:1].isupper()))
-    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-    where = f"{source}:{line}" if line else source
+    where = locate(source, lines, loc)
     field = format_loc(loc) or "(top level)"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return ConfigError(f"{where}: {field}: {first['msg']}{more}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from harness.checkpoint import ShardedWriter
+from harness.checkpoint import ShardedWriter, check_not_an_input, check_output_dir
 from harness.config import MergeConfig
 from harness.errors import CheckpointError, MethodError
 from harness.models import build_model
@@ -163,6 +163,8 @@ def merge_to_disk(
     """Merge into a HF model directory; nothing is left at `out_dir` unless the merge finished."""
     start = time.perf_counter()
     plan = build_plan(config)
+    check_not_an_input(Path(out_dir), plan.inputs())
+    check_output_dir(Path(out_dir), force)  # before calibration, which may take minutes
     calibrated = None if plan.method.streaming else _calibrated(plan, show_progress)
     writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
     try:

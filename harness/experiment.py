@@ -21,32 +21,34 @@ settings, lm-eval and harness versions), so a finished job is never recomputed.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 import harness
 from harness.config import (
     CalibrationSource,
     MergeConfig,
-    ModelEntry,
     Scalar,
     Setting,
     calibration_relative_to,
+    format_loc,
     load_yaml,
+    locate,
     parse_config,
     relative_to,
 )
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 from harness.evaluation import EvalSettings
+from harness.job_identity import calibration_identity, merge_identity, model_identity, plain_settings
 from harness.models import resolve_model
-from harness.prompts import RECORD_FILE
+from harness.plan import ParameterError
 from harness.selection import Chosen, HeldOutSearch
 from harness.store import ResultStore, content_key
 
@@ -114,6 +116,8 @@ class Experiment(BaseModel):
     seed: int = 0
     device: str = "cpu"
     store: str | None = None
+    _source: str = PrivateAttr("experiment")  # the YAML file, and the line of each field in it,
+    _lines: dict = PrivateAttr(default_factory=dict)  # for errors found after parsing
 
     @model_validator(mode="after")
     def _known_finetunes(self) -> Experiment:
@@ -132,7 +136,13 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an experiment must be a YAML mapping")
     experiment = parse_config(Experiment, data, str(path), lines)
+    experiment._source, experiment._lines = str(path), lines
     return _relative_to(experiment, Path(path).parent)
+
+
+def located(experiment: Experiment, *loc: str | int) -> str:
+    """'file:line: field.path' of an experiment field, for errors found after parsing."""
+    return f"{locate(experiment._source, experiment._lines, loc)}: {format_loc(loc)}"
 
 
 def _relative_to(experiment: Experiment, root: Path) -> Experiment:
@@ -229,87 +239,6 @@ def held_out_search(experiment: Experiment, run: MethodRun, merge: MergeConfig) 
     return SearchJob(run.search, sources, bool(explicit), templates.pop(), calibration)
 
 
-def file_sha256(path: Path, store: ResultStore | None) -> str:
-    stat = path.stat()
-    if store is not None and (
-        cached := store.cached_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    ):
-        return cached
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(16 * 1024 * 1024):
-            digest.update(chunk)
-    if store is not None:
-        store.save_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest.hexdigest())
-    return digest.hexdigest()
-
-
-def model_identity(ref: str, store: ResultStore | None) -> dict[str, Any]:
-    """What identifies a model's weights: the hashes of its weight and config files."""
-    path = resolve_model(ref)
-    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
-    files = [p for p in files if p.name not in {"trainer_state.json", RECORD_FILE}]  # not weights
-    return {"files": {p.name: file_sha256(p, store) for p in files}}
-
-
-def calibration_identity(ref: str | None, store: ResultStore | None) -> str | None:
-    if ref is None or not Path(ref).is_file():
-        return ref  # a task name (its version is part of lm-eval's) or nothing
-    return file_sha256(Path(ref), store)
-
-
-def merge_identity(
-    merge: MergeConfig,
-    calibrated: bool,
-    identity: Callable[[str], dict[str, Any]],
-    where: dict[str, str],
-    store: ResultStore | None,
-    identify: bool = True,
-) -> dict[str, Any]:
-    """What determines a merge's weights. Data-driven methods add their calibration recipe (data
-    hash, resolved template, N / seed overrides, settings); per-tensor methods never read it."""
-    models = []
-    for entry in merge.models:
-        item = {"weights": identity(entry.model), "parameters": _plain(entry.parameters)}
-        if calibrated and entry.calibration is not None:
-            place = where.get(entry.model, "calibration")
-            item["calibration"] = recipe_identity(merge, entry, place, store, identify)
-        models.append(item)
-    out = {
-        "method": merge.method,
-        "parameters": _plain(merge.parameters),
-        "base": identity(merge.base_model),
-        "models": models,
-        "seed": merge.seed,
-        "dtype": merge.output_dtype,
-    }
-    if calibrated:
-        out["calibration"] = merge.calibration.model_dump(mode="json", exclude={"template"})
-    return out
-
-
-def recipe_identity(
-    merge: MergeConfig, entry: ModelEntry, where: str, store: ResultStore | None, identify: bool
-) -> dict:
-    """One fine-tune's calibration: its data by content, and the template it resolves to.
-
-    `identify` False (validating only, weights maybe not here): nothing is read, and a template
-    left to the fine-tune's record stays "recorded".
-    """
-    from harness.calibration import resolve_template
-
-    source = entry.calibration
-    if not identify:
-        template = source.template or merge.calibration.template or "recorded"
-        return {**source.model_dump(mode="json"), "template": template}
-    template = resolve_template(source, merge.calibration, resolve_model(entry.model), where)
-    return {
-        **source.model_dump(mode="json"),
-        "source": calibration_identity(source.source, store),
-        "template": template,
-    }
-
-
 def method_configs(experiment: Experiment) -> list[tuple[str, MergeConfig]]:
     """Expand every method's grid into (label, MergeConfig) pairs; labels must be unique."""
     return [(label, config) for label, _, config in method_points(experiment)]
@@ -337,8 +266,47 @@ def method_points(experiment: Experiment) -> list[tuple[str, MethodRun, MergeCon
                 )
             seen[label] = index
             start = {run.search.parameter: run.search.grid[0]} if run.search else {}
-            out.append((label, run, _merge_config(experiment, run, {**point, **start})))
+            with method_errors(experiment, index):
+                out.append((label, run, _merge_config(experiment, run, {**point, **start})))
     return out
+
+
+@contextmanager
+def method_errors(experiment: Experiment, index: int) -> Iterator[None]:
+    """Errors of the merge configs a `methods:` entry generates, named in the experiment's terms:
+    'experiment.yaml:12: methods[1] (ties): parameters.density: ...', not the generated config's
+    `models[0]` or a tensor."""
+    run = experiment.methods[index]
+    try:
+        yield
+    except ParameterError as exc:
+        field = _parameter_field(experiment, run, exc)
+        place = locate(experiment._source, experiment._lines, ("methods", index, *field))
+        raise ConfigError(f"{place}: methods[{index}] ({run.method}): {format_loc(field)}: "
+                          f"{exc.reason}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = tuple("dtype" if p == "out_dtype" else p for p in error["loc"])
+        raise ConfigError(f"{located(experiment, 'methods', index)} ({run.method}): "
+                          f"{format_loc(field)}: {error['msg']}") from None
+    except HarnessError as exc:
+        if not str(exc).startswith(experiment._source):
+            exc.args = (f"{located(experiment, 'methods', index)} ({run.method}): {exc}",)
+        raise
+
+
+def _parameter_field(experiment: Experiment, run: MethodRun, exc: ParameterError) -> tuple:
+    """Where in the `methods:` entry the bad parameter was written."""
+    name = exc.field.split(".")[0]
+    if exc.scope is not None:
+        names = [n for n in experiment.finetunes if run.finetunes is None or n in run.finetunes]
+        finetune = names[exc.scope] if exc.scope < len(names) else None
+        if finetune is not None and (name in run.model_parameters.get(finetune, {})
+                                     or name not in {**run.parameters, **run.grid}):
+            return ("model_parameters", finetune, name)
+    if run.search and run.search.parameter == name:
+        return ("search", "grid")
+    return ("grid", name) if name in run.grid else ("parameters", name)
 
 
 def _merge_config(experiment: Experiment, run: MethodRun, point: dict[str, Scalar]) -> MergeConfig:
@@ -360,10 +328,7 @@ def _merge_config(experiment: Experiment, run: MethodRun, point: dict[str, Scala
         "device": experiment.device,
         **({"out_dtype": run.dtype} if run.dtype else {}),
     }
-    try:
-        return MergeConfig.model_validate(data)
-    except Exception as exc:
-        raise ConfigError(f"methods: {run.method}: {exc}".splitlines()[0]) from exc
+    return MergeConfig.model_validate(data)  # errors: see `method_errors`
 
 
 def plan_jobs(
@@ -377,7 +342,10 @@ def plan_jobs(
     from harness.evaluation import check_tasks
     from harness.plan import validate_config
 
-    check_tasks([t.name for t in experiment.task_runs()])
+    with field_errors(experiment, "tasks"):
+        check_tasks([t.name for t in experiment.task_runs()])
+    if identify:
+        check_weights(experiment)  # headers only: before any file is hashed or job started
     identities: dict[str, dict[str, Any]] = {}
 
     def identity(ref: str) -> dict[str, Any]:
@@ -394,7 +362,8 @@ def plan_jobs(
             jobs.append(ModelJob(name, "finetune", ft.model, None, identity(ft.model)))
     where = {ft.model: f"finetunes.{name}.calibration" for name, ft in experiment.finetunes.items()}
     for label, run, merge in method_points(experiment):
-        method = validate_config(merge)
+        with method_errors(experiment, _index(experiment, run)):
+            method = validate_config(merge)
         calibrated = method.merge_model is not None
         merge_id = merge_identity(merge, calibrated, identity, where, store, identify)
         search = held_out_search(experiment, run, merge) if run.search else None
@@ -403,6 +372,57 @@ def plan_jobs(
         jobs.append(ModelJob(label, "merge", None, merge, merge_id, search=search, chosen=run.chosen()))
     for job in jobs:
         attach_tasks(job, experiment.task_runs(), experiment.evaluation)
+    return jobs
+
+
+def _index(experiment: Experiment, run: MethodRun) -> int:
+    return next(i for i, other in enumerate(experiment.methods) if other is run)
+
+
+def model_fields(experiment: Experiment) -> list[tuple[tuple, str]]:
+    """(field location, model reference) of every model the experiment names."""
+    fields = [(("base_model",), experiment.base_model)]
+    return fields + [(("finetunes", name, "model"), ft.model) for name, ft in experiment.finetunes.items()]
+
+
+@contextmanager
+def field_errors(experiment: Experiment, *loc: str | int) -> Iterator[None]:
+    """Prefix an error of the block with the experiment field it comes from ('e.yaml:2: base_model: ')."""
+    try:
+        yield
+    except HarnessError as exc:
+        exc.args = (f"{located(experiment, *loc)}: {exc}",)
+        raise
+
+
+def resolve_models(experiment: Experiment) -> None:
+    """Every model directory exists (or is a cached / reachable hub id); errors name the field."""
+    for loc, ref in model_fields(experiment):
+        with field_errors(experiment, *loc):
+            resolve_model(ref)
+
+
+def check_weights(experiment: Experiment) -> None:
+    """Read every model's safetensors headers and plan every merge of every grid, reading no
+    tensor: missing or truncated files, architectures, names, shapes and every parameter for
+    every tensor fail here, before the first job starts (and before a store is created)."""
+    from harness.checkpoint import Checkpoint
+    from harness.plan import build_plan
+
+    resolve_models(experiment)  # all present before any header is read
+    for loc, ref in model_fields(experiment):
+        with field_errors(experiment, *loc):
+            Checkpoint.open(resolve_model(ref)).close()
+    for _, run, merge in method_points(experiment):
+        with method_errors(experiment, _index(experiment, run)):
+            build_plan(merge).close()
+
+
+def validate_experiment(experiment: Experiment) -> list[ModelJob]:
+    """Everything `run` checks before it opens the store: the jobs (keyed by reference, no file
+    hashed) and the weights' headers."""
+    jobs = plan_jobs(experiment, None, identify=False)
+    check_weights(experiment)
     return jobs
 
 
@@ -430,7 +450,7 @@ def attach_tasks(job: ModelJob, task_runs: list[TaskRun], evaluation: EvalSettin
             "versions": versions,
         }
         if job.merge is not None:
-            spec["merge"] = {"method": job.merge.method, "parameters": _plain(job.merge.parameters)}
+            spec["merge"] = {"method": job.merge.method, "parameters": plain_settings(job.merge.parameters)}
         job.tasks.append(TaskJob(content_key(spec), task.name, settings, spec))
 
 
@@ -444,14 +464,3 @@ def single_model_job(
     job = ModelJob(ref, "model", ref, None, model_identity(ref, store))
     attach_tasks(job, [TaskRun(name=t) for t in tasks], evaluation)
     return job
-
-
-def _plain(value: Any) -> Any:
-    """Settings (pydantic conditions, nested lists) as plain JSON-able data."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value

@@ -12,6 +12,11 @@ import torch
 from harness.errors import CheckpointError
 
 
+class ModelNotFound(CheckpointError):
+    """A hub id that is neither cached here nor reachable (a missing local path is a plain
+    `CheckpointError`): `run --dry-run` then validates the config without the weights."""
+
+
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
     """Run the block on `count` torch CPU threads (None: leave torch's setting alone).
@@ -45,7 +50,9 @@ def resolve_model(ref: str) -> Path:
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    if path.exists():
+        raise CheckpointError(f"{ref} is a file, not a model directory")
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise CheckpointError(f"{ref}: model directory not found")
     from huggingface_hub import snapshot_download
 
@@ -53,7 +60,7 @@ def resolve_model(ref: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=WEIGHT_PATTERNS))
     except Exception as exc:
-        raise CheckpointError(
+        raise ModelNotFound(
             f"{ref}: not a local directory and not available from the Hugging Face hub or its "
             f"cache ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc

@@ -8,6 +8,7 @@ output directory, so that every error a config can cause is raised before any te
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,6 +56,17 @@ class MergePlan:
     @property
     def output_bytes(self) -> int:
         return sum(task.info.nbytes for task in self.tasks)
+
+    def inputs(self) -> dict[str, Path]:
+        """Every directory the merge reads, by what the config calls it (an output must be none)."""
+        found = {f"base_model {self.base.path}": self.base.path} if self.base is not None else {}
+        found.update({f"{model.path}": model.path for model in self.models})
+        found.setdefault(f"tokenizer_source {self.sidecar_source}", self.sidecar_source)
+        return found
+
+    def close(self) -> None:
+        for checkpoint in (*self.models, *([self.base] if self.base else [])):
+            checkpoint.close()
 
 
 def build_plan(config: MergeConfig) -> MergePlan:
@@ -217,13 +229,12 @@ class ParamResolver:
 
     def resolve(self, name: str, position: float) -> tuple[Params, tuple[Params, ...]]:
         shared = self._values(self.shared, name, position)
-        params = self._validate(self.method.params, shared, "parameters", name)
+        params = self._validate(self.method.params, shared, None, name)
         model_params = []
         for index, settings in enumerate(self.per_model):
             merged = {**self.shared_for_models, **settings}
             values = self._values(merged, name, position)
-            where = f"models[{index}].parameters"
-            model_params.append(self._validate(self.method.model_params, values, where, name))
+            model_params.append(self._validate(self.method.model_params, values, index, name))
         return params, tuple(model_params)
 
     @staticmethod
@@ -231,16 +242,29 @@ class ParamResolver:
         values = ((k, evaluate_setting(v, name, position)) for k, v in settings.items())
         return tuple(sorted((k, v) for k, v in values if v is not None))
 
-    def _validate_uncached(self, model: type[Params], values: tuple, where: str, name: str) -> Params:
+    def _validate_uncached(self, model: type[Params], values: tuple, scope: int | None, name: str) -> Params:
+        for key, value in values:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ParameterError(self.method.name, scope, key, f"must be a finite number, got {value}",
+                                     name, dict(values))
         try:
             return model.model_validate(dict(values))
         except ValidationError as exc:
             error = exc.errors()[0]
             field = ".".join(str(p) for p in error["loc"]) or "(value)"
-            raise ConfigError(
-                f"{where}.{field}: {error['msg']} (method {self.method.name}, tensor {name}; "
-                f"given {json.dumps(dict(values))})"
-            ) from None
+            raise ParameterError(self.method.name, scope, field, error["msg"], name, dict(values)) from None
+
+
+class ParameterError(ConfigError):
+    """A method parameter is invalid; says which field of which scope, so that an experiment can
+    name its own YAML field instead of the merge config it generated (`harness.experiment`)."""
+
+    def __init__(self, method: str, scope: int | None, field: str, reason: str, tensor: str, given: dict):
+        self.method, self.scope, self.field, self.reason, self.tensor = method, scope, field, reason, tensor
+        where = "parameters" if scope is None else f"models[{scope}].parameters"
+        super().__init__(
+            f"{where}.{field}: {reason} (method {method}, tensor {tensor}; given {json.dumps(given)})"
+        )
 
 
 def _aliases(model: type[Params]) -> list[str]:
