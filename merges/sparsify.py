@@ -5,6 +5,17 @@ entries set to 0. Random sparsifiers draw from the `generator` they are given, s
 seed them per tensor name and results do not depend on the order tensors are processed in. The
 draws happen on the CPU (a CPU generator) whatever device the tensor is on: CUDA's generators
 give other streams for the same seed, and a merge must be the same on a GPU box and in CI.
+
+Tie rule (as mergekit, which sorts): the magnitude sparsifiers keep exactly the count mergekit
+keeps -- TIES k = max(1, int(density * n)); Breadcrumbs int(density * n) after dropping
+int(gamma * n) -- and when entries of equal |tau| straddle a cut, the ones kept are those
+mergekit keeps: the first k of `torch.argsort(|tau|, descending=True)` (TIES), positions
+[n_bottom, n_bottom + keep) of `torch.sort(|tau|).indices` (Breadcrumbs), on the CPU in float32.
+That order is torch's CPU introsort (not stable: it is neither lowest- nor highest-index first, but
+it is deterministic for a given input and torch build, and mergekit calls the same function, so the
+two agree on any build). DELLA's ranks are `argsort(argsort(|tau|))` per row on the CPU, likewise.
+The sort is only paid when a tie straddles a cut: otherwise an O(n) selection finds the cut and
+the kept set is the only one any sort can give.
 """
 
 from __future__ import annotations
@@ -30,29 +41,60 @@ def rescale(masked: torch.Tensor, original: torch.Tensor, density: float, norm: 
     return masked * (before / after)
 
 
-def kth_largest(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest of non-negative values, by selection (O(n)) rather than a sort.
+def sorted_window_mask(magnitudes: torch.Tensor, start: int, count: int, descending: bool) -> torch.Tensor:
+    """Entries at [start, start + count) of mergekit's sort of |tau| (float32, on the CPU).
+
+    mergekit takes `argsort(descending=True)[:k]` for TIES and `sort().indices[a:b]` for
+    Breadcrumbs; torch's CPU sort is not stable, so the direction changes which tied entries come
+    first and is kept as mergekit calls it.
+    """
+    flat = magnitudes.reshape(-1).to(device="cpu", dtype=torch.float32)
+    order = torch.sort(flat, descending=descending).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[start : start + count]] = True
+    return mask.reshape(magnitudes.shape).to(magnitudes.device)
+
+
+def ranked_values(flat: torch.Tensor, positions: list[int]) -> list[float]:
+    """The values at `positions` of the ascending order of `flat`, by selection (O(n)), not a sort.
 
     On the CPU, numpy's introselect is 3-15x faster than `torch.kthvalue` here.
     """
-    flat = magnitudes.reshape(-1)
-    position = flat.numel() - k
     if flat.device.type == "cpu":
-        return torch.as_tensor(np.partition(flat.numpy(), position)[position])
-    return torch.kthvalue(flat, position + 1).values
+        return np.partition(flat.numpy(), positions)[positions].tolist()
+    return [torch.kthvalue(flat, p + 1).values.item() for p in positions]
+
+
+def window_mask(magnitudes: torch.Tensor, start: int, count: int) -> torch.Tensor | None:
+    """Entries at ascending ranks [start, start + count) when no tie straddles either end, else None.
+
+    Without a straddling tie the window holds the same entries whatever order a sort gives equal
+    values, so selection (O(n)) finds mergekit's set; with one, the caller sorts as mergekit does.
+    """
+    flat = magnitudes.reshape(-1).float()
+    last = start + count - 1
+    top = last == flat.numel() - 1  # a window reaching the largest value needs no upper cut
+    values = ranked_values(flat, [start] if top else [start, last])
+    mask = flat >= values[0]
+    if not top:
+        mask &= flat <= values[1]
+    return mask.reshape(magnitudes.shape) if int(mask.sum()) == count else None
 
 
 def sparsify_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: keep the top `density` fraction of entries by magnitude (at least one).
+    """TIES trim: keep exactly k = max(1, int(density * n)) entries of largest magnitude.
 
-    Entries tied with the k-th largest magnitude are all kept; with float weights ties are
-    measure-zero except at 0, where keeping or dropping makes no difference.
+    Ties at the cut are broken as mergekit breaks them (see the module docstring).
     """
     if density >= 1 or tensor.numel() == 0:
         return tensor
-    k = max(1, int(density * tensor.numel()))
+    count = tensor.numel()
+    k = max(1, int(density * count))
     magnitudes = tensor.abs()
-    return tensor * (magnitudes >= kth_largest(magnitudes, k))
+    mask = window_mask(magnitudes, count - k, k)
+    if mask is None:  # a tie straddles the cut: mergekit's sort decides which of the tied stay
+        mask = sorted_window_mask(magnitudes, 0, k, descending=True)
+    return tensor * mask
 
 
 def keep_mask(probabilities: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -68,7 +110,11 @@ def sparsify_random(tensor: torch.Tensor, density: float, generator: torch.Gener
 
 
 def sparsify_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the largest `gamma` fraction, then the smallest, keep `density`."""
+    """Model Breadcrumbs: drop the largest `gamma` fraction, then the smallest, keep `density`.
+
+    Counts as mergekit's: keep = int(density * n), n_top = int(gamma * n) (shrunk so that `keep`
+    survives); ties at either cut are broken as mergekit breaks them (see the module docstring).
+    """
     if density >= 1:
         return tensor
     count = tensor.numel()
@@ -77,21 +123,23 @@ def sparsify_outliers(tensor: torch.Tensor, density: float, gamma: float) -> tor
     n_bottom = max(0, count - keep - n_top)
     if keep == 0:
         return torch.zeros_like(tensor)
-    magnitudes = tensor.abs().reshape(-1)
-    order = torch.argsort(magnitudes, stable=True)
-    mask = torch.zeros(count, dtype=tensor.dtype, device=tensor.device)
-    mask[order[n_bottom : n_bottom + keep]] = 1
-    return tensor * mask.reshape(tensor.shape)
+    magnitudes = tensor.abs()
+    mask = window_mask(magnitudes, n_bottom, keep)
+    if mask is None:  # a tie straddles a cut: mergekit's sort decides which of the tied stay
+        mask = sorted_window_mask(magnitudes, n_bottom, keep, descending=False)
+    return tensor * mask
 
 
 def magprune_probabilities(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA: keep-probabilities rising linearly with magnitude rank within each row.
 
     p = (density - epsilon) + 2 * epsilon * rank_norm, rank_norm in [0, 1] per row, so the mean
-    keep-rate is `density` and larger entries are kept more often.
+    keep-rate is `density` and larger entries are kept more often. Ranked as mergekit ranks (ties
+    in the order of torch's CPU argsort) and returned on the CPU, where the mask is drawn.
     """
     rows = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype) + 1
+    magnitudes = rows.abs().cpu()  # ranked on the CPU: CUDA's sort orders ties otherwise
+    ranks = magnitudes.argsort(dim=1).argsort(dim=1).to(rows.dtype) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
     return (density - epsilon) + rank_norm * 2 * epsilon
