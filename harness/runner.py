@@ -79,16 +79,18 @@ def searched_merge(job: ModelJob) -> tuple[MergeConfig | None, dict | None]:
 
     search, merge = job.search, job.merge
     settings = search.settings
-    fixed = {k: v for k, v in merge.parameters.items() if k != settings.parameter}
     finetunes = {entry.model: entry.model for entry in merge.models if entry.model in search.held_out}
     spec = SearchSpec(
         method=merge.method,
         parameter=settings.parameter,
         grid=settings.grid,
         metric=settings.metric,
-        fixed=fixed,
         calibration={m: s for m, s in search.calibration.items() if m in finetunes},
     )
+
+    def at(value: float) -> MergeConfig:  # the job's own merge, the searched parameter replaced
+        return merge.model_copy(update={"parameters": {**merge.parameters, settings.parameter: value}})
+
     data = DataSettings(
         num_samples=settings.num_samples,
         seed=settings.seed,
@@ -97,11 +99,10 @@ def searched_merge(job: ModelJob) -> tuple[MergeConfig | None, dict | None]:
         batch_size=settings.batch_size,
         held_out_fraction=None if search.whole_sources else settings.held_out_fraction,
     )
-    result = search_coefficient(merge.base_model, finetunes, search.held_out, spec, data)
-    chosen = {**merge.parameters, settings.parameter: result.chosen}
+    result = search_coefficient(merge.base_model, finetunes, search.held_out, spec, data, config_at=at)
     selected = {"by": "held-out", "parameter": settings.parameter, "value": result.chosen,
                 "metric": settings.metric, "score": result.best_score}
-    return merge.model_copy(update={"parameters": chosen}), selected
+    return at(result.chosen), selected
 
 
 def load_job_model(job: ModelJob, merge: MergeConfig | None = None):

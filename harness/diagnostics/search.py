@@ -137,11 +137,15 @@ def search_coefficient(
     spec: SearchSpec = SearchSpec(),
     data: DataSettings = DataSettings(),
     forbidden: Sequence[str | Path] = (),
+    config_at: Callable[[float], MergeConfig] | None = None,
 ) -> CoefficientSearch:
     """Grid-search `spec.parameter`; held_out: task -> held-out train data (JSONL or task name).
 
     `forbidden`: evaluation files to refuse besides the built-in rules (e.g. a zoo's test_data).
+    `config_at`: the merge at a grid value (default: `merge_config` of the arguments), e.g. a run's
+    own config with the searched parameter replaced, so the search merges what the run will.
     """
+    config_at = config_at or (lambda value: merge_config(base, finetunes, spec, value, data))
     if spec.metric not in METRICS:
         raise ConfigError(f"search metric {spec.metric!r} is not one of {', '.join(METRICS)}")
     missing = sorted(set(finetunes) - set(held_out))
@@ -152,7 +156,7 @@ def search_coefficient(
     batches = {task: answer_batch(held_out[task], tokenizer, data) for task in finetunes}
 
     def score(value: float) -> dict[str, float]:
-        outcome = merge_state_dict(merge_config(base, finetunes, spec, value, data))
+        outcome = merge_state_dict(config_at(value))
         model = build_model(outcome.model_config, outcome.state)
         return {
             task: held_out_score(model, batch, spec.metric, data.batch_size)
