@@ -132,19 +132,18 @@ def task_labels(entries: list[ModelEntry]) -> list[str]:
 
 
 def calibration_recipes(
-    config: MergeConfig, params: Params, model_dirs: Sequence[Path | None]
+    config: MergeConfig, entries: list[ModelEntry], params: Params, model_dirs: Sequence[Path]
 ) -> list[CalibrationRecipe]:
-    """Each fine-tune's resolved recipe (source, template, N, seed...), in config order."""
+    """Each fine-tune's resolved recipe (source, template, N, seed...); `entries` and
+    `model_dirs` as `fine_tune_entries` and the plan's models give them, in the same order."""
     num_samples = params.num_samples if isinstance(params, CalibratedParams) else 30
     seed = params.seed if isinstance(params, CalibratedParams) else config.seed
-    entries = [e for e in config.models if e.model != config.base_model or config.base_model is None]
     return [
         resolve_recipe(
             entry.calibration, config.calibration, num_samples, seed, directory,
             f"models[{config.models.index(entry)}].calibration",
         )
         for entry, directory in zip(entries, model_dirs)
-        if entry.calibration is not None
     ]
 
 
@@ -152,7 +151,7 @@ def calibration_sets(plan: MergePlan, entries: list[ModelEntry], params: Params)
     tokenizer = load_tokenizer(plan.sidecar_source)
     others = [m.path for m in ([plan.base] if plan.base else []) + plan.models]
     check_same_vocab(tokenizer, plan.sidecar_source, [p for p in others if p != plan.sidecar_source])
-    recipes = calibration_recipes(plan.config, params, [m.path for m in plan.models])
+    recipes = calibration_recipes(plan.config, entries, params, [m.path for m in plan.models])
     return [load_calibration(recipe, tokenizer) for recipe in recipes]
 
 
