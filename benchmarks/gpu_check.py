@@ -31,10 +31,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.demo import demo_experiment
-from harness.engine import merge_state_dict
-from harness.experiment import method_configs
-from harness.zoo import Zoo
+from merge_harness.merge.engine import merge_state_dict
+from merge_harness.run.experiment import method_configs
+from merge_harness.zoo.demo import demo_experiment
+from merge_harness.zoo.zoos import Zoo
 
 
 def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
@@ -74,9 +74,9 @@ def check_methods(zoo: Zoo, device: str) -> list[dict]:
 
 def run_demo_on(zoo: Zoo, device: str, store_path: Path) -> pd.DataFrame:
     """The demo experiment with merges and lm-eval on `device`: its comparison table."""
-    from harness.runner import run_experiment
-    from harness.store import ResultStore
-    from reports.frame import comparison_frame
+    from merge_harness.reports.frame import comparison_frame
+    from merge_harness.run.runner import run_experiment
+    from merge_harness.store.database import ResultStore
 
     experiment = demo_experiment(zoo, name=f"demo-toy-{device}")
     evaluation = experiment.evaluation.model_copy(update={"device": device})
@@ -108,7 +108,7 @@ def compare_tables(measured: pd.DataFrame, reference_csv: Path | None) -> dict:
 def check_speed(device: str, root: Path) -> list[dict]:
     """Task arithmetic and TIES in memory on a 135M-shaped random zoo: CPU vs `device`."""
     from benchmarks.conftest import build_zoo
-    from harness.config import MergeConfig
+    from merge_harness.merge.config import MergeConfig
 
     zoo = build_zoo(root)
     rows = []
@@ -134,8 +134,8 @@ def check_vllm(zoo: Zoo) -> dict:
         import vllm  # noqa: F401
     except ImportError as exc:
         return {"ran": False, "why": f"vllm does not import here: {exc}"}
-    from harness.engine import merge_model
-    from harness.evaluation import EvalSettings, evaluate
+    from merge_harness.evaluate.evaluator import EvalSettings, evaluate
+    from merge_harness.merge.engine import merge_model
 
     label, config = next(
         (lab, c) for lab, c in method_configs(demo_experiment(zoo)) if "task_arithmetic" in lab

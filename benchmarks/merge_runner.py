@@ -39,8 +39,8 @@ def peak_rss_mb() -> float:
 
 
 def ours(config: dict, out_dir: Path, shard_bytes: int):
-    from harness.config import MergeConfig
-    from harness.engine import merge_to_disk
+    from merge_harness.merge.config import MergeConfig
+    from merge_harness.merge.engine import merge_to_disk
 
     def merge() -> None:
         merge_to_disk(

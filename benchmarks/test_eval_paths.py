@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from benchmarks.conftest import CACHE_DIR, ZOO_VERSION, build_zoo
-from harness.config import MergeConfig
-from harness.engine import merge_model, merge_to_disk
-from harness.models import load_pretrained
+from merge_harness.io.models import load_pretrained
+from merge_harness.merge.config import MergeConfig
+from merge_harness.merge.engine import merge_model, merge_to_disk
 
 ROUNDS = 2
 
@@ -69,7 +69,7 @@ def test_in_memory_merge_vs_save_then_load(benchmark, tmp_path):
 
 
 def tiny_experiment(root: Path) -> Path:
-    from harness.toymodel import tiny_llama, train_tokenizer
+    from merge_harness.zoo.toymodel import tiny_llama, train_tokenizer
 
     tokenizer = train_tokenizer([f"{a} plus {b} is {a + b}" for a in range(20) for b in range(20)], 300)
     for name, noise in (("base", 0.0), ("math", 0.05), ("qa", 0.05)):
@@ -93,9 +93,9 @@ def tiny_experiment(root: Path) -> Path:
 
 @pytest.mark.benchmark(group="cached-rerun")
 def test_rerun_of_a_finished_experiment(benchmark, tmp_path):
-    from harness.experiment import load_experiment
-    from harness.runner import run_experiment
-    from harness.store import ResultStore
+    from merge_harness.run.experiment import load_experiment
+    from merge_harness.run.runner import run_experiment
+    from merge_harness.store.database import ResultStore
 
     experiment = load_experiment(tiny_experiment(tmp_path))
     with ResultStore(tmp_path / "store.sqlite") as store:

@@ -24,7 +24,7 @@ RESULTS = BENCH_DIR / "results" / "slta_cost.json"
 TASKS = ("math", "code", "qa")  # toy task generators standing in for the paper's data
 N = 30
 
-smollm2 = pytest.importorskip("harness.smollm2")
+smollm2 = pytest.importorskip("merge_harness.zoo.smollm2")
 
 
 def perturbed(base: Path, out: Path, seed: int) -> Path:
@@ -47,7 +47,7 @@ def perturbed(base: Path, out: Path, seed: int) -> Path:
 
 
 def calibration_file(root: Path, task: str) -> Path:
-    from harness.toytasks import train_pairs  # the toy zoo's synthetic prompt/response pairs
+    from merge_harness.zoo.toytasks import train_pairs  # the toy zoo's synthetic prompt/response pairs
 
     path = root / f"{task}_pairs.jsonl"
     if not path.exists():

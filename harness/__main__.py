@@ -1,5 +1,5 @@
-"""`python -m harness` runs the CLI."""
+"""`python -m merge_harness` runs the CLI."""
 
-from harness.cli import app
+from merge_harness.cli.app import app
 
 app()

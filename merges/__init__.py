@@ -6,9 +6,9 @@ Third-party packages publish a `register(registry)` function under the entry poi
 
 from __future__ import annotations
 
-from harness.registry import Registry
-from merges import fisher, linear, model_stock, regmean, slerp, slta, task_arithmetic
-from merges.base import MergeMethod
+from merge_harness.core.registry import Registry
+from merge_harness.merges import fisher, linear, model_stock, regmean, slerp, slta, task_arithmetic
+from merge_harness.merges.base import MergeMethod
 
 
 def register_builtins(registry: Registry[MergeMethod]) -> None:

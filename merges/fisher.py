@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from merges.base import MergeMethod
-from merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, average
+from merge_harness.merges.base import MergeMethod
+from merge_harness.merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, average
 
 
 class FisherParams(CalibratedParams):

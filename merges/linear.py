@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from merges.base import MergeMethod, Params
-from merges.task_arithmetic import WeightParams
+from merge_harness.merges.base import MergeMethod, Params
+from merge_harness.merges.task_arithmetic import WeightParams
 
 
 class LinearParams(Params):

@@ -2,7 +2,7 @@
 
 A per-tensor method sees one tensor at a time. A model-level method needs statistics of the
 models *on calibration data*, which only running the models can give. The engine
-(`harness.calibrated`) runs the models and hands the method a `CalibrationInputs` object; the
+(`merge_harness.merge.data_driven`) runs the models and hands the method a `CalibrationInputs` object; the
 method pulls the statistics it needs and returns a `ModelMerge`:
 
     merge_model(inputs: CalibrationInputs, params) -> ModelMerge
@@ -23,8 +23,8 @@ from typing import Literal, Protocol
 import torch
 from pydantic import Field
 
-from harness.results import Coefficient
-from merges.base import Params
+from merge_harness.core.results import Coefficient
+from merge_harness.merges.base import Params
 
 FeatureGranularity = Literal["layer", "attn_mlp"]
 
@@ -78,7 +78,7 @@ class LayerGrams:
 
 
 class CalibrationInputs(Protocol):
-    """What the engine offers a model-level method (implemented in `harness.features`)."""
+    """What the engine offers a model-level method (implemented in `merge_harness.merge.features`)."""
 
     @property
     def tasks(self) -> tuple[str, ...]:

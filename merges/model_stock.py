@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from merges.base import MergeMethod, NoParams, Params
+from merge_harness.merges.base import MergeMethod, NoParams, Params
 
 
 class ModelStockParams(Params):

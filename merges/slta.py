@@ -58,11 +58,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from harness.errors import MethodError
-from harness.results import Coefficient
-from merges.base import MergeMethod
-from merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, Submodule
-from merges.task_vectors import task_vectors
+from merge_harness.core.errors import MethodError
+from merge_harness.core.results import Coefficient
+from merge_harness.merges.base import MergeMethod
+from merge_harness.merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, Submodule
+from merge_harness.merges.task_vectors import task_vectors
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from merges.base import MergeMethod, Params
-from merges.sparsify import (
+from merge_harness.merges.base import MergeMethod, Params
+from merge_harness.merges.sparsify import (
     RescaleNorm,
     rescale,
     sparsify_magnitude,
@@ -37,7 +37,13 @@ from merges.sparsify import (
     sparsify_outliers,
     sparsify_random,
 )
-from merges.task_vectors import broadcast_weights, disjoint_merge, elect_sign, task_vectors, weighted_task_sum
+from merge_harness.merges.task_vectors import (
+    broadcast_weights,
+    disjoint_merge,
+    elect_sign,
+    task_vectors,
+    weighted_task_sum,
+)
 
 # ------------------------------------------------------------------------------------ parameters
 
@@ -103,7 +109,7 @@ def magnitude(tau: torch.Tensor, p: DensityParams, g: torch.Generator) -> torch.
     return sparsify_magnitude(tau, p.density)
 
 
-def random(tau: torch.Tensor, p: DensityParams, g: torch.Generator) -> torch.Tensor:
+def random_drop(tau: torch.Tensor, p: DensityParams, g: torch.Generator) -> torch.Tensor:
     return sparsify_random(tau, p.density, g)
 
 
@@ -144,15 +150,8 @@ def generalized_task_arithmetic(
     deltas *= weights
     if recipe.consensus is not None:
         mask = elect_sign(deltas, recipe.consensus)
-        merged = disjoint_merge(deltas, weights, mask, params.normalize)
-    else:
-        merged = deltas.sum(dim=0)
-        if params.normalize:
-            total = weights.sum()
-            merged /= total if total.abs() >= 1e-8 else 1.0
-    if params.lambda_ != 1:
-        merged *= params.lambda_
-    return merged.add_(base)  # in place: one tensor less at peak
+        return _finish(disjoint_merge(deltas, weights, mask, params.normalize), base, params)
+    return _finish(deltas.sum(dim=0), base, params, weights.sum() if params.normalize else None)
 
 
 def _task_arithmetic(
@@ -160,16 +159,36 @@ def _task_arithmetic(
 ) -> torch.Tensor:
     """The plain case, streamed: no (T, *S) stack of task vectors is built."""
     merged = weighted_task_sum(base, tensors, weights)
-    if params.normalize:
-        total = sum(weights)
+    return _finish(merged, base, params, sum(weights) if params.normalize else None)
+
+
+def _finish(
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    params: TaskArithmeticParams,
+    total: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """The shared tail: divide by the `total` weight when normalizing (a zero total leaves the
+    sum as it is), scale by lambda, add theta_0 in place (one tensor less at peak)."""
+    if total is not None:
         merged /= total if abs(total) >= 1e-8 else 1.0
     if params.lambda_ != 1:
         merged *= params.lambda_
     return merged.add_(base)
 
 
-def _entry(name, description, paper, params, model_params, sparsifier, consensus, random_=False):
-    recipe = Recipe(sparsifier, consensus)
+def variant(
+    name: str,
+    *,
+    description: str,
+    paper: str,
+    params: type[TaskArithmeticParams],
+    model_params: type[WeightParams],
+    sparsifier: Sparsifier | None = None,
+    consensus: Literal["sum", "count"] | None = None,
+    random: bool = False,
+) -> MergeMethod:
+    """One member of the family: the routine with its sparsifier and sign consensus."""
     return MergeMethod(
         name=name,
         description=description,
@@ -177,86 +196,81 @@ def _entry(name, description, paper, params, model_params, sparsifier, consensus
         equation="theta_0 + lambda * sum_t m_t w_t sparsify(theta_t - theta_0) [/ sum_t m_t w_t]",
         params=params,
         model_params=model_params,
-        random=random_,
-        merge_tensor=partial(generalized_task_arithmetic, recipe=recipe),
+        random=random,
+        merge_tensor=partial(generalized_task_arithmetic, recipe=Recipe(sparsifier, consensus)),
     )
 
 
 METHODS = (
-    _entry(
+    variant(
         "task_arithmetic",
-        "theta_0 + lambda * sum of weighted task vectors",
-        "arXiv:2212.04089",
-        TaskArithmeticParams,
-        WeightParams,
-        None,
-        None,
+        description="theta_0 + lambda * sum of weighted task vectors",
+        paper="arXiv:2212.04089",
+        params=TaskArithmeticParams,
+        model_params=WeightParams,
     ),
-    _entry(
+    variant(
         "ties",
-        "trim to top-density magnitudes, elect signs, disjoint mean",
-        "arXiv:2306.01708",
-        TiesParams,
-        DensityParams,
-        magnitude,
-        "sum",
+        description="trim to top-density magnitudes, elect signs, disjoint mean",
+        paper="arXiv:2306.01708",
+        params=TiesParams,
+        model_params=DensityParams,
+        sparsifier=magnitude,
+        consensus="sum",
     ),
-    _entry(
+    variant(
         "dare_linear",
-        "random drop (keep prob. density), rescale, weighted sum",
-        "arXiv:2311.03099",
-        DareParams,
-        DensityParams,
-        random,
-        None,
-        True,
+        description="random drop (keep prob. density), rescale, weighted sum",
+        paper="arXiv:2311.03099",
+        params=DareParams,
+        model_params=DensityParams,
+        sparsifier=random_drop,
+        random=True,
     ),
-    _entry(
+    variant(
         "dare_ties",
-        "random drop and rescale, then TIES sign election",
-        "arXiv:2311.03099",
-        DareParams,
-        DensityParams,
-        random,
-        "sum",
-        True,
+        description="random drop and rescale, then TIES sign election",
+        paper="arXiv:2311.03099",
+        params=DareParams,
+        model_params=DensityParams,
+        sparsifier=random_drop,
+        consensus="sum",
+        random=True,
     ),
-    _entry(
+    variant(
         "breadcrumbs",
-        "drop the largest gamma and the smallest entries, weighted sum",
-        "arXiv:2312.06795",
-        SparseParams,
-        BreadcrumbsParams,
-        outliers,
-        None,
+        description="drop the largest gamma and the smallest entries, weighted sum",
+        paper="arXiv:2312.06795",
+        params=SparseParams,
+        model_params=BreadcrumbsParams,
+        sparsifier=outliers,
     ),
-    _entry(
+    variant(
         "breadcrumbs_ties",
-        "breadcrumbs sparsification with TIES sign election",
-        "arXiv:2312.06795",
-        SparseParams,
-        BreadcrumbsParams,
-        outliers,
-        "sum",
+        description="breadcrumbs sparsification with TIES sign election",
+        paper="arXiv:2312.06795",
+        params=SparseParams,
+        model_params=BreadcrumbsParams,
+        sparsifier=outliers,
+        consensus="sum",
     ),
-    _entry(
+    variant(
         "della",
-        "magnitude-ranked random drop, rescale, TIES sign election",
-        "arXiv:2406.11617",
-        DellaParams,
-        DellaModelParams,
-        magprune,
-        "sum",
-        True,
+        description="magnitude-ranked random drop, rescale, TIES sign election",
+        paper="arXiv:2406.11617",
+        params=DellaParams,
+        model_params=DellaModelParams,
+        sparsifier=magprune,
+        consensus="sum",
+        random=True,
     ),
-    _entry(
+    variant(
         "della_linear",
-        "magnitude-ranked random drop, rescale, weighted sum",
-        "arXiv:2406.11617",
-        DellaLinearParams,
-        DellaModelParams,
-        magprune,
-        None,
-        True,
+        description="magnitude-ranked random drop, rescale, weighted sum",
+        paper="arXiv:2406.11617",
+        params=DellaLinearParams,
+        model_params=DellaModelParams,
+        sparsifier=magprune,
+        random=True,
     ),
 )

@@ -2,7 +2,7 @@
 
 The pipeline reads top to bottom:
 
-    ResultStore.results_frame(experiment)         one row per (job, task, metric)   harness/store.py
+    ResultStore.results_frame(experiment)         one row per (job, task, metric)   harness/store/database.py
       -> frame.build_table(results, finetune_tasks) a ComparisonTable (pure)          reports/frame.py
       -> markdown / latex / csv / json / html       one pure renderer per format     reports/<format>.py
     plots.py draws figures; paper.py fills paper-table specs (reports/paper/*.yaml); check.py

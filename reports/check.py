@@ -27,9 +27,9 @@ from typing import Any
 
 import pandas as pd
 
-from harness.atomic import atomic_write_text
-from harness.errors import ConfigError
-from reports import metrics as m
+from merge_harness.core.atomic import atomic_write_text
+from merge_harness.core.errors import ConfigError
+from merge_harness.reports import metrics as m
 
 GOLDEN_FORMAT = "merge-harness-golden/1"
 FAILING = ("regressed", "missing")

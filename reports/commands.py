@@ -18,17 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from harness.atomic import atomic_write_text
-from harness.errors import ConfigError
-from harness.store import ResultStore
-from reports import check as checking
-from reports import paper, plots, source
-from reports.csv import render_csv
-from reports.frame import ComparisonTable, TableOptions, comparison_table
-from reports.html import job_details, render_html
-from reports.json import render_json
-from reports.latex import render_latex
-from reports.markdown import render_markdown
+from merge_harness.core.atomic import atomic_write_text
+from merge_harness.core.errors import ConfigError
+from merge_harness.reports import check as checking
+from merge_harness.reports import paper, plots, source
+from merge_harness.reports.csv_table import render_csv
+from merge_harness.reports.frame import ComparisonTable, TableOptions, comparison_table
+from merge_harness.reports.html import job_details, render_html
+from merge_harness.reports.json_table import render_json
+from merge_harness.reports.latex import render_latex
+from merge_harness.reports.markdown import render_markdown
+from merge_harness.store.database import ResultStore
 
 FORMATS = ("md", "latex", "csv", "json", "html")
 RENDERERS = {"md": (render_markdown, "md"), "latex": (render_latex, "tex"),

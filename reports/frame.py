@@ -6,7 +6,7 @@ Columns: one primary metric per task (`metrics.primary_metric`), in points, then
 the tasks; missing if a task is missing) and the cost columns (merge seconds, peak RSS in MB).
 Optional blocks: *normalized* score = 100 * row / (the fine-tune tuned for that task, on that
 task), and *delta* = row - task arithmetic (its held-out-selected row when there is one).
-Every merge row says how its hyper-parameters were chosen (`harness.selection`): as set, on
+Every merge row says how its hyper-parameters were chosen (`merge_harness.selection.grid`): as set, on
 held-out train rows, or "oracle" (a grid's best point on test, an upper bound).
 Bold ("best") = the best merge in each column, compared at the shown precision; the pre-trained
 model and the fine-tunes are references and only compete when there are no merges.
@@ -25,8 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.errors import ConfigError, StoreError
-from reports import metrics as m
+from merge_harness.core.errors import ConfigError, StoreError
+from merge_harness.reports import metrics as m
 
 AVERAGE = "Avg."
 MERGE_TIME = "Merge (s)"
@@ -377,7 +377,7 @@ def build_table(results: pd.DataFrame, finetune_tasks: Mapping[str, str],
 
 def comparison_table(store, experiment: str, options: TableOptions = TableOptions()) -> ComparisonTable:
     """`build_table` on the store's results of `experiment`, with its fine-tune -> task mapping."""
-    from reports import source
+    from merge_harness.reports import source
 
     source.resolve_experiments(store, experiment)
     config = source.experiment_config(store, experiment)

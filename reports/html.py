@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from reports.frame import AVERAGE, COST_COLUMNS, ComparisonTable
+from merge_harness.reports.frame import AVERAGE, COST_COLUMNS, ComparisonTable
 
 TEMPLATES = Path(__file__).parent / "templates"
 

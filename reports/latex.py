@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from reports.frame import Block, ComparisonTable
+from merge_harness.reports.frame import Block, ComparisonTable
 
 _SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
             "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reports.frame import Block, ComparisonTable
+from merge_harness.reports.frame import Block, ComparisonTable
 
 
 def _cell(block: Block, row: str, column: str) -> str:

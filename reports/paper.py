@@ -18,13 +18,14 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from harness.config import Scalar, load_yaml, parse_config
-from harness.errors import ConfigError
-from reports import metrics as m
-from reports.frame import AVERAGE, ComparisonTable, TableOptions, build_table
+from merge_harness.core.config_files import load_config_file
+from merge_harness.core.errors import ConfigError
+from merge_harness.merge.config import Scalar
+from merge_harness.reports import metrics as m
+from merge_harness.reports.frame import AVERAGE, ComparisonTable, TableOptions, build_table
+from merge_harness.tasks import TASKS_DIR
 
 SPEC_DIR = Path(__file__).parent / "paper"
-TASKS_DIR = Path(__file__).parent.parent / "tasks"
 BUILTIN_TASKS = {"gsm8k", "winogrande"}  # lm-eval's own, used as they are
 STRICT = ConfigDict(extra="forbid")
 
@@ -98,7 +99,7 @@ def known_tasks() -> set[str]:
 def known_methods() -> set[str]:
     """Registered merge methods (built-ins and plugins) plus every method the reports name."""
     try:
-        from harness.methods import method_registry
+        from merge_harness.merge.methods import method_registry
 
         registered = set(method_registry())
     except Exception:  # a broken plugin must not stop a report; the names below still count
@@ -114,10 +115,7 @@ def load_spec(name_or_path: str | Path) -> PaperSpec:
     if not path.is_file():
         raise ConfigError(f"unknown paper spec {text!r}; known: {', '.join(available_specs())} "
                           "(or pass the path of a YAML file)")
-    data, lines = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a paper spec must be a YAML mapping")
-    spec = parse_config(PaperSpec, data, str(path), lines)
+    spec, _ = load_config_file(path, PaperSpec, "a paper spec")
     validate(spec, str(path))
     return spec
 

@@ -17,9 +17,9 @@ import pandas as pd
 from matplotlib import rcParams
 from matplotlib.figure import Figure
 
-from harness.atomic import atomic_write_bytes
-from reports import metrics as m
-from reports.frame import AVERAGE, ComparisonTable, spec_params
+from merge_harness.core.atomic import atomic_write_bytes
+from merge_harness.reports import metrics as m
+from merge_harness.reports.frame import AVERAGE, ComparisonTable, spec_params
 
 rcParams["svg.fonttype"] = "none"  # text stays text: small, searchable SVGs
 rcParams["svg.hashsalt"] = "merge-harness"  # stable ids, so the SVGs are reproducible

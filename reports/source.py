@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.errors import ConfigError, StoreError
-from harness.store import ResultStore
+from merge_harness.core.errors import ConfigError, StoreError
+from merge_harness.store.database import ResultStore
 
 
 def _query(store: ResultStore, sql: str, params: tuple = ()) -> list[tuple]:

@@ -71,7 +71,7 @@ def make_zoo(root: Path, tasks=("math", "qa", "translate"), noise: float = 0.02,
 
 
 def merge_config(zoo: dict[str, Path], method: str = "slta", tasks=None, **parameters):
-    from harness.config import MergeConfig
+    from merge_harness.merge.config import MergeConfig
 
     tasks = tasks or [k for k in zoo if k != "base" and not k.endswith(".jsonl")]
     calibration = {"template": "plain", **parameters.pop("calibration", {"max_length": 32, "batch_size": 4})}

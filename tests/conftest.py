@@ -63,7 +63,7 @@ def ci_zoo(tmp_path_factory):
     """The demo's toy zoo at size `ci` (built once per session): (zoo, seconds it took)."""
     import time
 
-    from harness.zoo import build_zoo
+    from merge_harness.zoo.zoos import build_zoo
 
     root = tmp_path_factory.mktemp("zoos")
     started = time.perf_counter()
@@ -86,7 +86,7 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def chat_zoo(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama with a real trained tokenizer, and two perturbed 'fine-tunes' of it."""
-    from harness.toymodel import tiny_llama, train_tokenizer
+    from merge_harness.zoo.toymodel import tiny_llama, train_tokenizer
 
     root = tmp_path_factory.mktemp("chat_zoo")
     corpus = [f"Question: what is {a} plus {b}? Answer: #### {a + b}" for a in range(30) for b in range(5)]

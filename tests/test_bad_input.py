@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import app
+from merge_harness.cli.app import app
 from tests.conftest import RUNNER_TASKS
 
 
@@ -24,7 +24,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "merge_harness", *args], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.calibration import (
-    REPO_TASKS,
+from merge_harness.core.errors import CheckpointError, ConfigError
+from merge_harness.merge.calibration_data import (
     CalibrationRecipe,
     load_calibration,
     pad_rows,
-    read_jsonl,
     sample_examples,
     task_examples,
 )
-from harness.config import MergeConfig, load_merge_config
-from harness.errors import CheckpointError, ConfigError
-from harness.prompts import Example, render
+from merge_harness.merge.config import MergeConfig, load_merge_config
+from merge_harness.tasks import TASKS_DIR
+from merge_harness.train.prompts import Example, read_jsonl, render
 from tests.calibrated_zoo import TASK_ROWS, WORDS, make_zoo, merge_config, word_tokenizer, write_jsonl
 
 
@@ -78,7 +77,7 @@ def test_empty_and_too_small_sets(tmp_path, math_jsonl, tokenizer, caplog):
         load_calibration(recipe(empty, 4, 0), tokenizer)
     with pytest.raises(ConfigError, match="20 examples, but num_samples=30.*allow_fewer"):
         load_calibration(recipe(math_jsonl, 30, 0), tokenizer)
-    with caplog.at_level(logging.WARNING, logger="harness.calibration"):
+    with caplog.at_level(logging.WARNING, logger="merge_harness.merge.calibration_data"):
         fewer = load_calibration(recipe(math_jsonl, 30, 0, allow_fewer=True), tokenizer)
     assert fewer.num_examples == 20 and "using all 20 examples" in caplog.text
     with pytest.raises(ConfigError, match="calibration file not found"):
@@ -173,7 +172,7 @@ def test_task_without_train_split_is_refused(task_dir):
 
 def _repo_fixture_tasks_with_train_split() -> list[str]:
     names = []
-    for path in sorted(REPO_TASKS.rglob("*fixture*.yaml")):
+    for path in sorted(TASKS_DIR.rglob("*fixture*.yaml")):
         text = path.read_text()
         if "training_split:" in text and "training_split: null" not in text:
             names.append(yaml.safe_load(text.replace("!function", ""))["task"])
@@ -183,8 +182,8 @@ def _repo_fixture_tasks_with_train_split() -> list[str]:
 def test_repo_fixture_task_with_a_train_split():
     """gsm8k_splits_fixture reads train and test rows from two files: calibration sees exactly
     the train rows, formatted by the task's prompt, and never a test question."""
-    from harness.evaluation import local_catalog
-    from tasks.fixtures import read_fixture
+    from merge_harness.evaluate.evaluator import local_catalog
+    from merge_harness.tasks.fixtures import read_fixture
 
     names = _repo_fixture_tasks_with_train_split()
     assert "gsm8k_splits_fixture" in names
@@ -226,7 +225,7 @@ def test_config_accepts_calibration_fields_and_resolves_relative_paths(tmp_path)
 
 
 def test_mismatched_tokenizer_vocab_is_a_checkpoint_error(tmp_path):
-    from harness.calibrated import merge_calibrated
+    from merge_harness.merge.data_driven import merge_calibrated
 
     zoo = make_zoo(tmp_path, tasks=("math", "qa"))
     word_tokenizer(words=WORDS[::-1]).save_pretrained(zoo["qa"])  # same tokens, other ids
@@ -235,7 +234,7 @@ def test_mismatched_tokenizer_vocab_is_a_checkpoint_error(tmp_path):
 
 
 def test_calibrated_merge_needs_calibration_for_every_fine_tune(tmp_path):
-    from harness.calibrated import merge_calibrated
+    from merge_harness.merge.data_driven import merge_calibrated
 
     zoo = make_zoo(tmp_path, tasks=("math", "qa"), rows=3)
     with pytest.raises(ConfigError, match=r"3 examples, but num_samples=30"):

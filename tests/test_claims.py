@@ -1,4 +1,5 @@
-"""Claims on jobs in the store (harness.claims): take, renew, expire, take over, release; explicit clocks."""
+"""Claims on jobs in the store (merge_harness.store.claims):
+take, renew, expire, take over, release; explicit clocks."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import time
 
 import pytest
 
-from harness.claims import Claims, heartbeat, owner_alive, runner_id
-from harness.errors import ConfigError
-from harness.results import JobResult, Score
-from harness.store import ResultStore, utc_now
+from merge_harness.core.errors import ConfigError
+from merge_harness.core.results import JobResult, Score
+from merge_harness.store.claims import Claims, heartbeat, owner_alive, runner_id
+from merge_harness.store.database import ResultStore, utc_now
 
 
 class Clock:

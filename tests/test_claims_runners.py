@@ -29,12 +29,13 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-import harness.runner as runner
-from harness.experiment import load_experiment
-from harness.store import ResultStore
+import merge_harness.run.driver as driver
+import merge_harness.run.runner as runner
+from merge_harness.run.experiment import load_experiment
+from merge_harness.store.database import ResultStore
 
 experiment_path, log, lease_s, out = sys.argv[1:5]
-original = runner.run_model_job
+original = driver.run_model_job
 
 def logged_run_model_job(job, pending, experiment, sink):
     def sink_and_log(result):
@@ -43,7 +44,7 @@ def logged_run_model_job(job, pending, experiment, sink):
             f.write(f"{os.getpid()} {time.time()} {result.key}\\n")
     original(job, pending, experiment, sink_and_log)
 
-runner.run_model_job = logged_run_model_job
+driver.run_model_job = logged_run_model_job
 experiment = load_experiment(experiment_path)
 Path(out + ".ready").touch()
 while not Path(log + ".go").exists():
@@ -123,7 +124,7 @@ def test_concurrent_runners_compute_each_job_exactly_once(runners, chat_zoo, tmp
 def test_two_cli_runs_started_a_second_apart_share_the_grid(chat_zoo, tmp_path):
     store = tmp_path / "results.sqlite"
     experiment = write_experiment(tmp_path / "e.yaml", chat_zoo, store)
-    command = [sys.executable, "-m", "harness", "--threads", "1", "run", str(experiment), "--quiet"]
+    command = [sys.executable, "-m", "merge_harness", "--threads", "1", "run", str(experiment), "--quiet"]
     first = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1)
     second = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

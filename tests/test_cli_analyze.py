@@ -22,7 +22,7 @@ def experiment_yaml(zoo: dict, path, with_calibration: bool = True) -> str:
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "harness", "analyze", *args]
+    command = [sys.executable, "-m", "merge_harness", "analyze", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 

@@ -8,10 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from harness.config import Condition, MergeConfig, load_merge_config
-from harness.errors import ConfigError, MethodError
-from harness.plan import evaluate_setting, gradient_position
-from harness.registry import Registry
+from merge_harness.core.errors import ConfigError, MethodError
+from merge_harness.core.registry import Registry
+from merge_harness.merge.config import Condition, MergeConfig, load_merge_config
+from merge_harness.merge.plan import evaluate_setting, gradient_position
 
 
 def test_our_format_and_mergekit_format_parse_to_the_same_method(tmp_path):
@@ -103,7 +103,7 @@ def write_plugin(root, module_body: str, name: str = "demo_plugin") -> None:
 
 PLUGIN = """
     import torch
-    from merges.base import MergeMethod
+    from merge_harness.merges.base import MergeMethod
 
     def first_model(base, tensors, model_params, params, generator):
         return tensors[0].clone()
@@ -116,8 +116,8 @@ PLUGIN = """
 
 
 def test_entry_point_plugins_register_through_the_same_function(tmp_path, monkeypatch):
-    from harness.methods import ENTRY_POINT_GROUP
-    from merges.base import MergeMethod
+    from merge_harness.merge.methods import ENTRY_POINT_GROUP
+    from merge_harness.merges.base import MergeMethod
 
     write_plugin(tmp_path, PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -130,7 +130,7 @@ def test_entry_point_plugins_register_through_the_same_function(tmp_path, monkey
 
 
 def test_a_broken_plugin_is_named(tmp_path, monkeypatch):
-    from harness.methods import ENTRY_POINT_GROUP
+    from merge_harness.merge.methods import ENTRY_POINT_GROUP
 
     write_plugin(tmp_path, "def register(registry):\n    raise KeyError('oops')\n", name="broken_plugin")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -159,7 +159,7 @@ def test_the_shipped_plugin_example_registers(monkeypatch):
 def test_docs_methods_table_is_generated_from_the_registry():
     from pathlib import Path
 
-    from harness.cli import methods_markdown
+    from merge_harness.cli.app import methods_markdown
 
     text = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
     assert methods_markdown() in text, "regenerate with: merge-harness methods --markdown"

@@ -8,8 +8,8 @@ import sys
 import pandas as pd
 import pytest
 
-from harness.demo import demo_methods
-from harness.methods import method_registry
+from merge_harness.merge.methods import method_registry
+from merge_harness.zoo.demo import demo_methods
 
 
 def test_demo_covers_every_registered_method():
@@ -19,7 +19,7 @@ def test_demo_covers_every_registered_method():
 @pytest.mark.slow
 def test_demo_on_the_ci_zoo_writes_every_artifact(tmp_path):
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "harness", "demo", "--size", "ci", "--limit", "6", "--quiet",
+    command = [sys.executable, "-m", "merge_harness", "demo", "--size", "ci", "--limit", "6", "--quiet",
                "--out", str(out), "--zoo-dir", str(tmp_path / "zoo")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,28 +14,23 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from harness.diagnostics.data import DataSettings, answer_batch, answer_scores
-from harness.diagnostics.disentanglement import disentanglement_grid, disentanglement_report
-from harness.diagnostics.linearity import (
+from merge_harness.core.errors import ConfigError
+from merge_harness.diagnostics.disentanglement import disentanglement_grid, disentanglement_report
+from merge_harness.diagnostics.linearity import (
     LinearityAccumulator,
     linearity_report,
     linearity_table,
     nonlinearity_score,
 )
-from harness.diagnostics.run_zoo import ZooDiagnostics, run_zoo_diagnostics
-from harness.diagnostics.search import (
-    DEFAULT_GRID,
-    SearchSpec,
-    grid_search,
-    held_out_score,
-    search_coefficient,
-)
-from harness.diagnostics.slta_report import slta_report
-from harness.diagnostics.space import TaskVectorSpace, load_space
-from harness.diagnostics.splits import check_selection_data, held_out_part, refusal_reason
-from harness.errors import ConfigError
-from harness.models import torch_threads
-from tasks.fixtures import FIXTURES_DIR
+from merge_harness.diagnostics.run_zoo import ZooDiagnostics, run_zoo_diagnostics
+from merge_harness.diagnostics.slta_report import slta_report
+from merge_harness.diagnostics.space import TaskVectorSpace, load_space
+from merge_harness.io.models import torch_threads
+from merge_harness.selection.answers import DataSettings, answer_batch, answer_scores
+from merge_harness.selection.grid import DEFAULT_GRID
+from merge_harness.selection.search import SearchSpec, grid_search, held_out_score, search_coefficient
+from merge_harness.selection.splits import check_selection_data, held_out_part, refusal_reason
+from merge_harness.tasks.fixtures import FIXTURES_DIR
 from tests.calibrated_zoo import make_zoo
 from tests.conftest import state_of
 
@@ -126,7 +121,7 @@ def test_tiny_task_vectors_are_nearly_linear(zoo):
     for tau in space.taus.values():
         for name in tau:
             tau[name] = tau[name] * 1e-3
-    from harness.models import load_tokenizer
+    from merge_harness.io.models import load_tokenizer
 
     batch = answer_batch(zoo["math.jsonl"], load_tokenizer(zoo["base"]), DATA)
     frame = linearity_table(space, {"math": batch}, (0.5,))
@@ -295,7 +290,7 @@ def test_search_reads_only_held_out_train_data(zoo, tmp_path):
     assert result.best_score == max(p.mean for p in result.curve)
     json.dumps(result.to_record())  # storable as is
     # lambda = 0 is the base model itself
-    from harness.models import load_pretrained, load_tokenizer
+    from merge_harness.io.models import load_pretrained, load_tokenizer
 
     batch = answer_batch(held_out["math"], load_tokenizer(zoo["base"]), DATA)
     base_score = held_out_score(load_pretrained(zoo["base"]), batch, "log_likelihood")
@@ -303,7 +298,7 @@ def test_search_reads_only_held_out_train_data(zoo, tmp_path):
 
 
 def test_answer_scores_count_only_answer_tokens(zoo):
-    from harness.models import load_tokenizer
+    from merge_harness.io.models import load_tokenizer
 
     batch = answer_batch(zoo["math.jsonl"], load_tokenizer(zoo["base"]), DATA)
     perfect = torch.full((*batch.input_ids.shape, 96), -1e4)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.checkpoint import Checkpoint, read_safetensors_header
-from harness.config import MergeConfig
-from harness.engine import merge_model, merge_state_dict, merge_to_disk, tensor_generator
-from harness.errors import CheckpointError, ConfigError, MethodError
-from harness.models import torch_threads
+from merge_harness.core.errors import CheckpointError, ConfigError, MethodError
+from merge_harness.io.checkpoint import Checkpoint, read_safetensors_header
+from merge_harness.io.models import torch_threads
+from merge_harness.merge.config import MergeConfig
+from merge_harness.merge.engine import merge_model, merge_state_dict, merge_to_disk, tensor_generator
 from tests.conftest import state_of, write_llama
 
 
@@ -250,7 +250,7 @@ def test_unwritable_output_is_reported(tiny_zoo, tmp_path):
 def test_reads_ahead_on_a_second_thread_with_the_same_result(tiny_zoo, monkeypatch):
     import threading
 
-    import harness.engine as engine
+    import merge_harness.merge.engine as engine
 
     threads = []
     real = engine.read_inputs
@@ -272,7 +272,7 @@ def test_reads_ahead_on_a_second_thread_with_the_same_result(tiny_zoo, monkeypat
 def test_read_at_completes_reads_the_kernel_cuts_short(tmp_path, monkeypatch):
     import os
 
-    from harness.checkpoint import read_at
+    from merge_harness.io.checkpoint import read_at
 
     payload = bytes(range(256)) * 40
     (tmp_path / "blob").write_bytes(payload)
@@ -286,7 +286,7 @@ def test_read_at_completes_reads_the_kernel_cuts_short(tmp_path, monkeypatch):
 
 
 def test_failure_mid_merge_leaves_nothing_behind(tiny_zoo, tmp_path, monkeypatch):
-    import harness.engine as engine
+    import merge_harness.merge.engine as engine
 
     calls = {"n": 0}
     real = engine.merge_inputs
@@ -323,7 +323,7 @@ def test_offline_hub_id_fails_fast_with_a_clear_message(tiny_zoo):
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "harness", *args]
+    command = [sys.executable, "-m", "merge_harness", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.checkpoint import Checkpoint
-from harness.errors import CheckpointError
-from harness.experiment import load_experiment
-from harness.runner import check_finite_weights, run_experiment
-from harness.store import ResultStore
+from merge_harness.core.errors import CheckpointError
+from merge_harness.io.checkpoint import Checkpoint
+from merge_harness.run.experiment import load_experiment
+from merge_harness.run.runner import check_finite_weights, run_experiment
+from merge_harness.store.database import ResultStore
 from tests.conftest import write_experiment
 
 BROKEN_TENSOR = "model.layers.1.mlp.up_proj.weight"
@@ -60,7 +60,8 @@ def test_run_with_a_broken_model_fails_before_any_evaluation(which, chat_zoo, tm
 
 
 def test_eval_of_a_broken_model_exits_2_and_marks_the_job_failed(broken, tmp_path):
-    command = [sys.executable, "-m", "harness", "eval", str(broken), "--tasks", "toy_qa", "--limit", "2",
+    command = [sys.executable, "-m", "merge_harness", "eval", str(broken), "--tasks", "toy_qa",
+               "--limit", "2",
                "--store", str(tmp_path / "s.sqlite"), "--quiet"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 2

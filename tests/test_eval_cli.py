@@ -11,16 +11,16 @@ import sys
 import lm_eval
 import pytest
 
-from harness.evaluation import TaskCatalog
-from harness.store import ResultStore
-from tasks import TASKS_DIR
+from merge_harness.evaluate.evaluator import TaskCatalog
+from merge_harness.store.database import ResultStore
+from merge_harness.tasks import TASKS_DIR
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TASKS = ["toy_qa", "toy_math"]  # a log-likelihood and a generation chat task
 
 
 def harness_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "harness", "--threads", "1", *args]
+    command = [sys.executable, "-m", "merge_harness", "--threads", "1", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
 
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from harness.cli import one_line_error
-from harness.errors import HarnessError
+from merge_harness.cli.common import one_line_error
+from merge_harness.core.errors import HarnessError
 from tests.conftest import write_experiment
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -20,7 +20,7 @@ def cli_without(module: str, *args: str) -> subprocess.CompletedProcess:
     """The CLI in a process where `module` cannot be imported (as if it were not installed)."""
     code = (
         f"import sys; sys.modules[{module!r}] = None; sys.argv = ['merge-harness', *{list(args)!r}]\n"
-        "from harness.cli import app; app()"
+        "from merge_harness.cli.app import app; app()"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
 
@@ -55,16 +55,17 @@ def test_a_missing_optional_package_names_its_extra(module, hint):
 
 
 def test_a_missing_module_of_our_own_is_a_bug_not_an_install_step():
-    error = one_line_error(ModuleNotFoundError("No module named 'harness.gone'", name="harness.gone"))
+    missing = "merge_harness.gone"
+    error = one_line_error(ModuleNotFoundError(f"No module named '{missing}'", name=missing))
     assert not isinstance(error, HarnessError) and "rerun with --debug" in str(error)
 
 
 def test_an_internal_error_is_one_line_with_the_debug_hint(tmp_path):
     code = (
-        "import sys, harness.experiment as e\n"
+        "import sys, merge_harness.run.experiment as e\n"
         "e.load_experiment = lambda path: {}['missing']\n"
         f"sys.argv = ['merge-harness', 'run', {str(tmp_path / 'e.yaml')!r}]\n"
-        "from harness.cli import app; app()"
+        "from merge_harness.cli.app import app; app()"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV

@@ -8,8 +8,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from harness.errors import EvaluationError
-from harness.evaluation import (
+from merge_harness.core.errors import EvaluationError
+from merge_harness.evaluate.evaluator import (
     EvalSettings,
     TaskCatalog,
     check_tasks,
@@ -18,9 +18,9 @@ from harness.evaluation import (
     metric_name,
     parse_scores,
 )
-from harness.toymodel import tiny_llama, train_tokenizer
-from tasks import TASKS_DIR
-from tasks.fixtures import FIXTURES_DIR
+from merge_harness.tasks import TASKS_DIR
+from merge_harness.tasks.fixtures import FIXTURES_DIR
+from merge_harness.zoo.toymodel import tiny_llama, train_tokenizer
 
 EXPECTED = {  # task -> {metric: (low, high)}
     "gsm8k_fixture": {"exact_match,strict-match": (0, 1), "exact_match,flexible-extract": (0, 1)},
@@ -107,7 +107,7 @@ def test_missing_fixture_file_is_a_clear_error_naming_the_task(toy, tmp_path):
     (tmp_path / "broken.yaml").write_text(
         f"include: {TASKS_DIR / 'ropes' / 'ropes.yaml'}\n"
         "task: ropes_broken_fixture\n"
-        "custom_dataset: !function tasks.fixtures.load_fixture\n"
+        "custom_dataset: !function merge_harness.tasks.fixtures.load_fixture\n"
         "dataset_kwargs: {fixture: does_not_exist.jsonl, split: validation}\n"
     )
     catalog = TaskCatalog([tmp_path], include_defaults=False)

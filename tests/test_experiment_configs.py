@@ -24,7 +24,7 @@ def test_there_are_paper_configs():
 def test_dry_run_validates(path, tmp_path):
     from typer.testing import CliRunner
 
-    from harness.cli import app
+    from merge_harness.cli.app import app
 
     # in-process, so lm-eval's task index is built once for all configs
     result = CliRunner().invoke(app, ["run", str(path), "--dry-run", "--store", str(tmp_path / "s.sqlite")])
@@ -38,7 +38,7 @@ def test_dry_run_catches_a_bad_parameter(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "harness",
+        "merge_harness",
         "run",
         str(bad),
         "--dry-run",

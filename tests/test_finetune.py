@@ -9,9 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from harness.calibration import Example
-from harness.errors import ConfigError
-from harness.finetune import (
+from merge_harness.core.errors import ConfigError
+from merge_harness.io.models import torch_threads
+from merge_harness.merge.calibration_data import Example
+from merge_harness.train.finetune import (
     IGNORE,
     FinetuneConfig,
     TrainingSettings,
@@ -24,8 +25,7 @@ from harness.finetune import (
     token_losses,
     train,
 )
-from harness.models import torch_threads
-from harness.toymodel import FASTCHAT_SYSTEM, tiny_llama, train_tokenizer
+from merge_harness.zoo.toymodel import FASTCHAT_SYSTEM, tiny_llama, train_tokenizer
 from tests.conftest import state_of
 
 PAIRS = [

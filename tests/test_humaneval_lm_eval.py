@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from lm_eval.api.model import LM
 
-from harness import sandbox
-from harness.evaluation import EvalSettings, _run_task, local_catalog, parse_scores
-from tasks.fixtures import read_fixture
+from merge_harness.evaluate.evaluator import EvalSettings, _run_task, local_catalog, parse_scores
+from merge_harness.tasks import sandbox
+from merge_harness.tasks.fixtures import read_fixture
 
 TASK = "humaneval_sandboxed_fixture"
 PROBLEMS = read_fixture("humaneval.jsonl")

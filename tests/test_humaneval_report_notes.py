@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from reports.frame import build_table
+from merge_harness.reports.frame import build_table
 
 
 def results(errors: float, timeouts: float) -> pd.DataFrame:

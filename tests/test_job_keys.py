@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-import harness.experiment
-from harness.evaluation import EvalSettings, TaskCatalog
-from harness.experiment import Experiment, TaskRun, load_experiment, plan_jobs
-from harness.methods import get_method
-from harness.store import ResultStore
-from tasks import TASKS_DIR
+import merge_harness
+import merge_harness.run.experiment
+from merge_harness.evaluate.evaluator import EvalSettings, TaskCatalog
+from merge_harness.merge.methods import get_method
+from merge_harness.run.experiment import Experiment, TaskRun, load_experiment, plan_jobs
+from merge_harness.store.database import ResultStore
+from merge_harness.tasks import TASKS_DIR
 from tests.calibrated_zoo import make_zoo
 
 TASKS = ["gsm8k_fixture", "cosmos_qa_fixture"]
@@ -245,7 +246,7 @@ TASK_EDITS = {
 @pytest.mark.parametrize("edit", list(TASK_EDITS))
 def test_the_task_definition_changes_that_task_key(world, tmp_path, monkeypatch, edit):
     catalog = {}
-    monkeypatch.setattr("harness.evaluation.catalog_for", lambda names: catalog["now"])
+    monkeypatch.setattr("merge_harness.evaluate.evaluator.catalog_for", lambda names: catalog["now"])
     catalog["now"] = lm_eval_task_root(tmp_path, "original")
     experiment = load_experiment(world / "experiment.yaml")
     before = keys(experiment)
@@ -289,12 +290,13 @@ def test_per_task_overrides_change_that_task_key_only(world):
 def test_the_lm_eval_and_harness_versions_change_every_key(world, monkeypatch):
     experiment = load_experiment(world / "experiment.yaml")
     before = keys(experiment)
-    real = harness.experiment.version
+    real = merge_harness.run.experiment.version
     with monkeypatch.context() as patch:
-        patch.setattr(harness.experiment, "version", lambda d: "99.0" if d == "lm_eval" else real(d))
+        patch.setattr(merge_harness.run.experiment, "version",
+                      lambda d: "99.0" if d == "lm_eval" else real(d))
         assert changed(before, keys(experiment)) == BASELINES | set(METHODS)
     with monkeypatch.context() as patch:
-        patch.setattr(harness, "__version__", "99.0")
+        patch.setattr(merge_harness, "__version__", "99.0")
         assert changed(before, keys(experiment)) == BASELINES | set(METHODS)
     assert keys(experiment) == before
 

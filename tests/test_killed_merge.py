@@ -16,9 +16,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness.atomic import GRACE_SECONDS, atomic_write_text, make_temp_dir, release, remove_stale_temps
-from harness.config import load_merge_config
-from harness.engine import merge_to_disk
+from merge_harness.core.atomic import (
+    GRACE_SECONDS,
+    atomic_write_text,
+    make_temp_dir,
+    release,
+    remove_stale_temps,
+)
+from merge_harness.merge.config import load_merge_config
+from merge_harness.merge.engine import merge_to_disk
 from tests.conftest import state_of
 
 LAYERS = 4
@@ -67,7 +73,7 @@ def reference(merge_yaml, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 def start_merge(merge_yaml: Path, out: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "harness", "merge", str(merge_yaml), str(out), "--quiet",
+    command = [sys.executable, "-m", "merge_harness", "merge", str(merge_yaml), str(out), "--quiet",
                "--max-shard-size", "4MB"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -124,7 +130,7 @@ def test_the_cli_cleans_up_after_a_killed_merge(merge_yaml, reference, tmp_path)
 HOLD_TEMP_DIR = """
 import sys, time
 from pathlib import Path
-from harness.atomic import make_temp_dir
+from merge_harness.core.atomic import make_temp_dir
 path, fd = make_temp_dir(Path(sys.argv[1]))
 print(path, flush=True)
 time.sleep(600)

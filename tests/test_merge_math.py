@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from harness.methods import get_method
-from merges.sparsify import (
+from merge_harness.merge.methods import get_method
+from merge_harness.merges.sparsify import (
     magprune_probabilities,
     rescale,
     sparsify_magnitude,
@@ -16,7 +16,7 @@ from merges.sparsify import (
     sparsify_outliers,
     sparsify_random,
 )
-from merges.task_vectors import disjoint_merge, elect_sign, task_vectors
+from merge_harness.merges.task_vectors import disjoint_merge, elect_sign, task_vectors
 
 T = torch.tensor
 

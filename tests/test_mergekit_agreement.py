@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import MergeConfig
-from harness.engine import merge_state_dict
-from merges.sparsify import rescale, sparsify_magprune, sparsify_random
+from merge_harness.merge.config import MergeConfig
+from merge_harness.merge.engine import merge_state_dict
+from merge_harness.merges.sparsify import rescale, sparsify_magprune, sparsify_random
 from tests.conftest import state_of
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is the reference (extra 'dev')")

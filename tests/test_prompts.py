@@ -10,11 +10,23 @@ import textwrap
 import pytest
 import torch
 
-from harness.calibration import CalibrationRecipe, CalibrationSet, load_calibration, resolve_template
-from harness.config import CalibrationSettings, CalibrationSource
-from harness.errors import ConfigError
-from harness.finetune import collate, encode_all
-from harness.prompts import IGNORE, RECORD_FILE, Example, encode, recorded_template, training_record
+from merge_harness.core.errors import ConfigError
+from merge_harness.merge.calibration_data import (
+    CalibrationRecipe,
+    CalibrationSet,
+    load_calibration,
+    resolve_template,
+)
+from merge_harness.merge.config import CalibrationSettings, CalibrationSource
+from merge_harness.train.finetune import collate, encode_all
+from merge_harness.train.prompts import (
+    IGNORE,
+    RECORD_FILE,
+    Example,
+    encode,
+    recorded_template,
+    training_record,
+)
 from tests.calibrated_zoo import make_zoo, merge_config, write_jsonl
 
 CHATML = (
@@ -31,7 +43,7 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """The toy zoo's kind of tokenizer: byte-level BPE with the Vicuna chat template."""
-    from harness.toymodel import train_tokenizer
+    from merge_harness.zoo.toymodel import train_tokenizer
 
     corpus = [p["prompt"] + p["response"] for p in PAIRS] * 3
     return train_tokenizer(corpus, vocab_size=320)
@@ -69,7 +81,7 @@ def _saved(tokenizer, tmp_path):
 
 
 def _prompt(example: Example, tokenizer, template: str) -> str:
-    from harness.prompts import render
+    from merge_harness.train.prompts import render
 
     return render(example, tokenizer, template)[0]
 
@@ -96,8 +108,8 @@ def test_template_precedence_entry_then_merge_then_record(tmp_path):
 
 
 def test_merge_harness_finetune_records_its_template(tmp_path, bpe_tokenizer):
-    from harness.finetune import FinetuneConfig, finetune
-    from harness.toymodel import tiny_llama
+    from merge_harness.train.finetune import FinetuneConfig, finetune
+    from merge_harness.zoo.toymodel import tiny_llama
 
     base = tmp_path / "base"
     model = tiny_llama(bpe_tokenizer, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate=32)
@@ -111,7 +123,7 @@ def test_merge_harness_finetune_records_its_template(tmp_path, bpe_tokenizer):
 
 
 def test_the_zoo_records_the_template_it_trained_with(ci_zoo):
-    from harness.demo import demo_experiment
+    from merge_harness.zoo.demo import demo_experiment
 
     zoo, _ = ci_zoo
     assert zoo.template == "chat"
@@ -122,9 +134,9 @@ def test_the_zoo_records_the_template_it_trained_with(ci_zoo):
 
 
 def test_users_own_token_batches_give_the_same_merge(tmp_path):
-    from harness.calibrated import calibration_sets, fine_tune_entries, method_params
-    from harness.engine import merge_state_dict
-    from harness.plan import build_plan
+    from merge_harness.merge.data_driven import calibration_sets, fine_tune_entries, method_params
+    from merge_harness.merge.engine import merge_state_dict
+    from merge_harness.merge.plan import build_plan
 
     zoo = make_zoo(tmp_path, tasks=("math", "translate"))
     config = merge_config(zoo, granularity="layer", num_samples=6)
@@ -153,7 +165,7 @@ def test_a_task_without_tokens_is_an_error_not_a_zero_coefficient():
 
 
 def test_experiment_yaml_takes_calibration_settings_per_finetune(tmp_path):
-    from harness.experiment import load_experiment
+    from merge_harness.run.experiment import load_experiment
 
     (tmp_path / "math.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
     path = tmp_path / "e.yaml"
@@ -177,7 +189,7 @@ def test_experiment_yaml_takes_calibration_settings_per_finetune(tmp_path):
 
 
 def test_calibration_template_and_data_are_in_the_key_of_data_driven_merges_only(tmp_path):
-    from harness.experiment import Experiment, plan_jobs
+    from merge_harness.run.experiment import Experiment, plan_jobs
 
     zoo = make_zoo(tmp_path, tasks=("math", "translate"))
 
@@ -201,7 +213,7 @@ def test_calibration_template_and_data_are_in_the_key_of_data_driven_merges_only
 
 
 def test_a_finetune_without_a_recorded_template_fails_at_planning(tmp_path):
-    from harness.experiment import Experiment, plan_jobs
+    from merge_harness.run.experiment import Experiment, plan_jobs
 
     zoo = make_zoo(tmp_path, tasks=("math", "translate"))
     experiment = Experiment.model_validate({

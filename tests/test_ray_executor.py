@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from harness.claims import Claims
-from harness.experiment import load_experiment, plan_jobs
-from harness.runner import LocalExecutor, run_experiment
-from harness.store import ResultStore
+from merge_harness.run.driver import LocalExecutor
+from merge_harness.run.experiment import load_experiment, plan_jobs
+from merge_harness.run.runner import run_experiment
+from merge_harness.store.claims import Claims
+from merge_harness.store.database import ResultStore
 from tests.conftest import write_experiment
 
 ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
 
-from harness.ray_executor import RayExecutor, run_remotely  # noqa: E402
+from merge_harness.run.ray_executor import RayExecutor, run_remotely  # noqa: E402
 
 CRASH_MARKER = "MERGE_HARNESS_TEST_CRASH_MARKER"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.calibrated import merge_calibrated
-from merges.fisher import fisher_average
-from merges.regmean import regmean_linear, scale_off_diagonal
+from merge_harness.merge.data_driven import merge_calibrated
+from merge_harness.merges.fisher import fisher_average
+from merge_harness.merges.regmean import regmean_linear, scale_off_diagonal
 from tests.calibrated_zoo import make_zoo, merge_config
 from tests.conftest import state_of
 
@@ -97,9 +97,9 @@ def test_regmean_end_to_end(zoo):
 def hooked_grams(zoo, name: str) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    from harness.calibrated import calibration_sets, fine_tune_entries
-    from harness.plan import build_plan
-    from merges.regmean import RegMeanParams
+    from merge_harness.merge.data_driven import calibration_sets, fine_tune_entries
+    from merge_harness.merge.plan import build_plan
+    from merge_harness.merges.regmean import RegMeanParams
 
     config = merge_config(zoo, "regmean", num_samples=6)
     plan = build_plan(config)
@@ -129,9 +129,9 @@ def test_regmean_of_identical_fine_tunes_is_that_fine_tune(tmp_path):
 def test_fisher_end_to_end_matches_hand_computed_fisher(zoo):
     from transformers import AutoModelForCausalLM
 
-    from harness.calibrated import calibration_sets, fine_tune_entries
-    from harness.plan import build_plan
-    from merges.fisher import FisherParams
+    from merge_harness.merge.data_driven import calibration_sets, fine_tune_entries
+    from merge_harness.merge.plan import build_plan
+    from merge_harness.merges.fisher import FisherParams
 
     config = merge_config(zoo, "fisher", num_samples=4)
     outcome = merge_calibrated(config)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import ConfigError, HarnessError, StoreError
-from harness.results import Coefficient, JobResult, Score
-from harness.store import ResultStore, content_key
-from reports import commands, paper, plots
-from reports.csv import render_csv
-from reports.frame import TableOptions, build_table, comparison_frame, comparison_table
-from reports.latex import render_latex
-from reports.markdown import render_markdown
+from merge_harness.core.errors import ConfigError, HarnessError, StoreError
+from merge_harness.core.results import Coefficient, JobResult, Score
+from merge_harness.reports import commands, paper, plots
+from merge_harness.reports.csv_table import render_csv
+from merge_harness.reports.frame import TableOptions, build_table, comparison_frame, comparison_table
+from merge_harness.reports.latex import render_latex
+from merge_harness.reports.markdown import render_markdown
+from merge_harness.store.database import ResultStore, content_key
 
 GOLDEN = Path(__file__).parent / "golden"
 EXPERIMENT = "demo"
@@ -145,7 +145,7 @@ def test_renderers_match_golden_files(table, renderer, golden):
 
 
 def test_json_renderer_marks_best_cells(table):
-    from reports.json import render_json
+    from merge_harness.reports.json_table import render_json
 
     data = json.loads(render_json(table))
     rows = {row["title"]: row for row in data["rows"]}
@@ -304,7 +304,7 @@ def test_comparison_frame_is_a_dataframe_through_the_python_api(store):
 
 
 def test_primary_metrics_and_scales():
-    from reports import metrics
+    from merge_harness.reports import metrics
 
     assert metrics.primary_metric("gsm8k_chat_fixture") == "exact_match,strict-match"
     assert metrics.primary_metric("ropes_fixture", ["exact_match", "f1"]) == "f1"

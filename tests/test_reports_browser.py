@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.store import ResultStore
-from reports import commands
+from merge_harness.reports import commands
+from merge_harness.store.database import ResultStore
 from tests.test_reports import EXPERIMENT, build_store
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -14,11 +14,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from harness.errors import ConfigError
-from harness.results import Score
-from harness.store import ResultStore
-from reports import commands
-from reports.check import (
+from merge_harness.core.errors import ConfigError
+from merge_harness.core.results import Score
+from merge_harness.reports import commands
+from merge_harness.reports.check import (
     Tolerance,
     check,
     golden_data,
@@ -27,6 +26,7 @@ from reports.check import (
     summary_markdown,
     write_golden,
 )
+from merge_harness.store.database import ResultStore
 from tests.test_reports import EXPERIMENT, MODELS, build_store, job_result
 
 TIES_GSM8K = ("ties", "gsm8k_fixture", "exact_match,strict-match")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.claims import Claims
-from harness.errors import ConfigError, EvaluationError
-from harness.experiment import load_experiment, method_configs, plan_jobs
-from harness.runner import run_experiment, summary_frame
-from harness.store import ResultStore
+from merge_harness.core.errors import ConfigError, EvaluationError
+from merge_harness.run.experiment import load_experiment, method_configs, plan_jobs
+from merge_harness.run.runner import run_experiment, summary_frame
+from merge_harness.store.claims import Claims
+from merge_harness.store.database import ResultStore
 from tests.conftest import write_experiment
 
 
@@ -116,7 +116,7 @@ def finished_jobs(store_path: Path) -> dict[str, str]:
 def test_resume_after_sigkill_keeps_and_skips_finished_jobs(chat_zoo, tmp_path):
     store_path = tmp_path / "results.sqlite"
     path = write_experiment(tmp_path / "e.yaml", chat_zoo, store_path)
-    command = [sys.executable, "-m", "harness", "run", str(path), "--quiet"]
+    command = [sys.executable, "-m", "merge_harness", "run", str(path), "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -201,16 +201,16 @@ def test_jobs_another_live_runner_holds_are_counted_not_failed_and_a_rerun_takes
 
 
 def test_any_exception_in_a_job_is_its_one_line_failure_and_the_run_goes_on(chat_zoo, tmp_path, monkeypatch):
-    import harness.runner as runner
+    import merge_harness.run.driver as driver
 
-    original = runner.run_model_job
+    original = driver.run_model_job
 
     def broken_ties(job, pending, experiment, sink):
         if job.label == "ties":
             raise ValueError("unexpected\nsecond line of detail")
         original(job, pending, experiment, sink)
 
-    monkeypatch.setattr(runner, "run_model_job", broken_ties)
+    monkeypatch.setattr(driver, "run_model_job", broken_ties)
     experiment = two_merge_experiment(chat_zoo, tmp_path)
     with ResultStore(tmp_path / "s.sqlite") as store:
         summary = run_experiment(experiment, store, show_progress=False)
@@ -221,12 +221,12 @@ def test_any_exception_in_a_job_is_its_one_line_failure_and_the_run_goes_on(chat
 
 
 def test_keyboard_interrupt_is_not_swallowed_and_releases_the_claims(chat_zoo, tmp_path, monkeypatch):
-    import harness.runner as runner
+    import merge_harness.run.driver as driver
 
     def interrupted(job, pending, experiment, sink):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_model_job", interrupted)
+    monkeypatch.setattr(driver, "run_model_job", interrupted)
     experiment = two_merge_experiment(chat_zoo, tmp_path)
     with ResultStore(tmp_path / "s.sqlite") as store:
         with pytest.raises(KeyboardInterrupt):

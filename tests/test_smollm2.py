@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from harness.evaluation import EvalSettings, evaluate
+from merge_harness.evaluate.evaluator import EvalSettings, evaluate
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from harness.smollm2 import load_smollm2
+    from merge_harness.zoo.smollm2 import load_smollm2
 
     return load_smollm2()
 

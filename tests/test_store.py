@@ -11,10 +11,10 @@ import time
 import pandas as pd
 import pytest
 
-from harness.errors import StoreError
-from harness.results import Coefficient, JobResult, Score
-from harness.store import ResultStore, content_key
-from harness.store_migrations import MIGRATIONS, migrate
+from merge_harness.core.errors import StoreError
+from merge_harness.core.results import Coefficient, JobResult, Score
+from merge_harness.store.database import ResultStore, content_key
+from merge_harness.store.migrations import MIGRATIONS, migrate
 
 TIES_SPEC = {"merge": {"method": "ties", "params": {"density": 0.5, "lambda": 1.0}},
              "models": ["base", "math", "code"], "tasks": ["gsm8k", "mbpp"]}

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import EvaluationError
-from harness.evaluation import default_catalog
-from tasks import TASKS_DIR
-from tasks.cosmos_qa import utils as cosmos_qa
-from tasks.fixtures import load_fixture, read_fixture
-from tasks.humaneval_sandboxed import utils as humaneval
-from tasks.ropes import utils as ropes
-from tasks.wmt22_zh_en import utils as wmt
+from merge_harness.core.errors import EvaluationError
+from merge_harness.evaluate.evaluator import default_catalog
+from merge_harness.tasks import TASKS_DIR
+from merge_harness.tasks.cosmos_qa import utils as cosmos_qa
+from merge_harness.tasks.fixtures import load_fixture, read_fixture
+from merge_harness.tasks.humaneval_sandboxed import utils as humaneval
+from merge_harness.tasks.ropes import utils as ropes
+from merge_harness.tasks.wmt22_zh_en import utils as wmt
 
 # fixture task -> (metrics it declares, evaluated split's row count)
 FIXTURE_TASKS = {

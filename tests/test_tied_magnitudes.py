@@ -4,7 +4,7 @@ Real task vectors have ties: theta_t - theta_0 in float32 is a multiple of ulp(t
 bfloat16 a handful of exponents and 8-bit mantissas cover a whole tensor. A threshold rule
 (|tau| >= k-th largest) then keeps every entry tied with the cut. mergekit sorts and keeps exactly
 k; we select in O(n) and sort only when a tie straddles a cut, with mergekit's own sort call, so
-the kept set is mergekit's (module docstring of `merges.sparsify`).
+the kept set is mergekit's (module docstring of `merge_harness.merges.sparsify`).
 
 Checked here: hand cases; exactly k and mergekit's set on heavily tied tensors; whole per-tensor
 merges against mergekit's `merge_group` with the same seed (the random methods draw the same
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import MergeConfig
-from harness.engine import merge_state_dict
-from merges.sparsify import sparsify_magnitude, sparsify_magprune, sparsify_outliers
+from merge_harness.merge.config import MergeConfig
+from merge_harness.merge.engine import merge_state_dict
+from merge_harness.merges.sparsify import sparsify_magnitude, sparsify_magprune, sparsify_outliers
 from tests.conftest import TINY_LLAMA, state_of
 from tests.test_merge_math import run
 

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.errors import EvaluationError
-from harness.vllm_backend import VllmOptions, staged_model, vllm_available, vllm_lm
+from merge_harness.core.errors import EvaluationError
+from merge_harness.evaluate.vllm_backend import VllmOptions, staged_model, vllm_available, vllm_lm
 
 
 def test_staged_copy_is_loadable_identical_and_removed(chat_zoo):
     from transformers import AutoModelForCausalLM
 
-    from harness.models import load_pretrained, load_tokenizer
+    from merge_harness.io.models import load_pretrained, load_tokenizer
 
     model = load_pretrained(chat_zoo["math"])
     tokenizer = load_tokenizer(chat_zoo["math"])
@@ -35,8 +35,8 @@ def test_missing_vllm_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(not (vllm_available() and torch.cuda.is_available()), reason="needs vllm and a GPU")
 def test_vllm_and_hf_backends_agree_on_loglikelihood_tasks(chat_zoo):
-    from harness.evaluation import EvalSettings, evaluate
-    from harness.models import load_pretrained
+    from merge_harness.evaluate.evaluator import EvalSettings, evaluate
+    from merge_harness.io.models import load_pretrained
 
     model = load_pretrained(chat_zoo["math"])
     hf = evaluate(model, chat_zoo["math"], ["cosmos_qa_fixture"], EvalSettings(limit=4, device="cuda"))

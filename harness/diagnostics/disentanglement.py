@@ -33,10 +33,10 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from harness.diagnostics.data import AnswerBatch, DataSettings, answer_batch, answer_positions
-from harness.diagnostics.space import TaskVectorSpace, load_space, logits
-from harness.diagnostics.tables import markdown_table
-from harness.models import load_tokenizer
+from merge_harness.diagnostics.space import TaskVectorSpace, load_space, logits
+from merge_harness.diagnostics.tables import markdown_table
+from merge_harness.io.models import load_tokenizer
+from merge_harness.selection.answers import AnswerBatch, DataSettings, answer_batch, answer_positions
 
 Distance = Literal["prediction", "kl"]
 ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -187,7 +187,7 @@ def disentanglement_report(
     Returns the long table (a `variant` column added) and the files: CSV, summary Markdown,
     heatmaps (PNG + SVG).
     """
-    from reports.plots import save
+    from merge_harness.reports.plots import save
 
     tokenizer = load_tokenizer(base)
     tables, effects = {}, {}

@@ -16,7 +16,7 @@ Functions f (the `kind` column):
 - `layer`: decoder layer i (its output; the residual cancels in r_a and D);
 - `attn`: input_layernorm + self_attn on the layer input, without the residual;
 - `mlp`: post_attention_layernorm + mlp on h + attn_0(h), without the residual;
-  (`harness.features.attention_block` / `mlp_block`, as SLTA's `attn_mlp` granularity);
+  (`merge_harness.merge.features.attention_block` / `mlp_block`, as SLTA's `attn_mlp` granularity);
 - `model`: the whole model's logits (every parameter moves, embeddings and lm_head included).
 Submodule inputs are the *pre-trained* model's inputs at that layer (SLTA's Algorithm 1: the
 examples travel through theta_0's layers only); only submodule i's weights move.
@@ -33,11 +33,11 @@ import torch
 from matplotlib.figure import Figure
 from torch.func import functional_call
 
-from harness.diagnostics.data import AnswerBatch, DataSettings, answer_batch
-from harness.diagnostics.space import TaskVectorSpace, load_space, logits
-from harness.diagnostics.tables import markdown_table
-from harness.features import attention_block, decoder_layers, layer_inputs, mlp_block
-from harness.models import load_tokenizer
+from merge_harness.diagnostics.space import TaskVectorSpace, load_space, logits
+from merge_harness.diagnostics.tables import markdown_table
+from merge_harness.io.models import load_tokenizer
+from merge_harness.merge.features import attention_block, decoder_layers, layer_inputs, mlp_block
+from merge_harness.selection.answers import AnswerBatch, DataSettings, answer_batch
 
 ALPHAS = (0.25, 0.5, 0.75)
 KINDS = ("layer", "attn", "mlp", "model")
@@ -203,7 +203,7 @@ def linearity_report(
     data: DataSettings = DataSettings(),
 ) -> tuple[pd.DataFrame, list[Path]]:
     """`merge-harness analyze linearity`: the table (also CSV + Markdown) and the plot (PNG+SVG)."""
-    from reports.plots import save
+    from merge_harness.reports.plots import save
 
     space = load_space(base, finetunes)
     tokenizer = load_tokenizer(base)

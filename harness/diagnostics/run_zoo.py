@@ -1,9 +1,9 @@
 """Every diagnostic on a zoo: `merge-harness analyze zoo [--zoo toy|smollm2]`.
 
-1. the zoo (`harness.zoo`, cached) gives the base and its fine-tunes (the "reference" variant:
+1. the zoo (`merge_harness.zoo.zoos`, cached) gives the base and its fine-tunes (the "reference" variant:
    `full` for the toy zoo, `attn_only` for SmolLM2); the same fine-tuning recipe with another
    `trainable:` gives the other variants, cached next to the zoo;
-2. held-out train data (`harness.zoo.held_out_pairs`): rows of the fine-tuning distribution
+2. held-out train data (`merge_harness.zoo.zoos.held_out_pairs`): rows of the fine-tuning distribution
    never seen in fine-tuning and never a test prompt, split in two disjoint halves: the lambda
    search selects on the first, and every score (own scores, disentanglement, retained gain)
    is taken on the second, so no value is scored on the rows it was chosen on;
@@ -21,23 +21,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.diagnostics.data import DataSettings, answer_batch
-from harness.diagnostics.disentanglement import disentanglement_report
-from harness.diagnostics.linearity import linearity_report, linearity_summary
-from harness.diagnostics.search import (
-    DEFAULT_GRID,
-    SearchPoint,
-    SearchSpec,
-    held_out_score,
-    search_coefficient,
-    search_report,
-)
-from harness.diagnostics.slta_report import slta_report
-from harness.diagnostics.tables import markdown_table
-from harness.errors import ConfigError
-from harness.finetune import TrainingSettings, read_pairs, save_model, train
-from harness.models import load_pretrained, load_tokenizer
-from harness.zoo import Zoo, held_out_pairs, write_pairs
+from merge_harness.core.errors import ConfigError
+from merge_harness.diagnostics.disentanglement import disentanglement_report
+from merge_harness.diagnostics.linearity import linearity_report, linearity_summary
+from merge_harness.diagnostics.search_report import search_report
+from merge_harness.diagnostics.slta_report import slta_report
+from merge_harness.diagnostics.tables import markdown_table
+from merge_harness.io.models import load_pretrained, load_tokenizer
+from merge_harness.selection.answers import DataSettings, answer_batch
+from merge_harness.selection.grid import DEFAULT_GRID
+from merge_harness.selection.search import SearchPoint, SearchSpec, held_out_score, search_coefficient
+from merge_harness.train.finetune import TrainingSettings, read_pairs, save_model, train
+from merge_harness.zoo.zoos import Zoo, held_out_pairs, write_pairs
 
 VARIANTS = ("full", "attn_only", "mlp_only")
 
@@ -56,7 +51,7 @@ class ZooDiagnostics:
     max_length: int = 192
 
 
-PRESETS = {
+DIAGNOSTICS_PER_ZOO = {
     "toy": ZooDiagnostics(),
     # 30 layers of 576: each variant is four fine-tunes of 135M parameters (about 25 min of one
     # CPU core), so no MLP-only variant; every grid point is a forward pass of every row, so
@@ -85,9 +80,9 @@ class ZooRecipe:
     @classmethod
     def of(cls, zoo: Zoo) -> ZooRecipe:
         spec = json.loads((zoo.root / "zoo.json").read_text())["spec"]
-        if "train_examples" in spec:  # harness.zoo.build_zoo
+        if "train_examples" in spec:  # merge_harness.zoo.zoos.build_zoo
             count, settings = spec["train_examples"], spec["finetune"]
-        else:  # harness.zoo.build_smollm2_zoo
+        else:  # merge_harness.zoo.zoos.build_smollm2_zoo
             count, settings = spec["examples"], spec["settings"]
         finetune = TrainingSettings.model_validate(settings).model_copy(update={"seed": spec["seed"]})
         return cls(train_examples=count, seed=spec["seed"], finetune=finetune)
@@ -159,7 +154,7 @@ def search_sections(
     out: Path,
     data: DataSettings,
     own: pd.DataFrame,
-    plan: ZooDiagnostics,
+    settings: ZooDiagnostics,
     reference: str,
 ) -> tuple[list, dict]:
     """Task arithmetic's lambda per variant, chosen on the selection rows; every merge (the
@@ -168,7 +163,8 @@ def search_sections(
     select, score = held_out
     searches = {
         v: search_report(
-            zoo.base, dirs, select, out / f"search_{v}", SearchSpec(grid=plan.lambda_grid), data, forbidden
+            zoo.base, dirs, select, out / f"search_{v}", SearchSpec(grid=settings.lambda_grid), data,
+            forbidden,
         )[0]
         for v, dirs in finetunes.items()
     }
@@ -186,7 +182,7 @@ def search_sections(
             parameter="ridge",
             grid=(1e-8,),
             calibration=dict(zoo.train_data),
-            fixed={"granularity": granularity, "num_samples": plan.slta_samples},
+            fixed={"granularity": granularity, "num_samples": settings.slta_samples},
         )
         merges[f"slta ({granularity}), {reference}"] = (reference, scored(reference, spec))
     sections = ["## Lambda search (selection half of the held-out train rows)\n"]
@@ -202,15 +198,15 @@ def search_sections(
     return sections, searches
 
 
-def run_zoo_diagnostics(zoo: Zoo, out: Path, plan: ZooDiagnostics, log=print) -> Path:
+def run_zoo_diagnostics(zoo: Zoo, out: Path, settings: ZooDiagnostics, log=print) -> Path:
     """Every analysis on `zoo` into `out`; returns the path of the `summary.md` tying them together."""
     recipe = ZooRecipe.of(zoo)
     reference = recipe.reference
-    unknown = [v for v in plan.variants if v not in VARIANTS]
+    unknown = [v for v in settings.variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown fine-tune variants {unknown} (known: {', '.join(VARIANTS)})")
-    if reference not in plan.variants:
-        raise ConfigError(f"variants {list(plan.variants)} must include the zoo's own ({reference!r})")
+    if reference not in settings.variants:
+        raise ConfigError(f"variants {list(settings.variants)} must include the zoo's own ({reference!r})")
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()
 
@@ -218,15 +214,16 @@ def run_zoo_diagnostics(zoo: Zoo, out: Path, plan: ZooDiagnostics, log=print) ->
         log(f"[{time.perf_counter() - clock:6.0f} s] {message}")
 
     finetunes = {}
-    for variant in plan.variants:
+    for variant in settings.variants:
         step(f"fine-tunes: {variant}")
         finetunes[variant] = variant_finetunes(zoo, recipe, variant)
-    held_out = held_out_data(zoo, plan.held_out, out)
+    held_out = held_out_data(zoo, settings.held_out, out)
     score_rows = held_out[1]
     data = DataSettings(
-        num_samples=plan.linearity_samples, seed=recipe.seed, template="chat", max_length=plan.max_length
+        num_samples=settings.linearity_samples, seed=recipe.seed, template="chat",
+        max_length=settings.max_length,
     )
-    all_rows = replace(data, num_samples=plan.held_out)
+    all_rows = replace(data, num_samples=settings.held_out)
     step("held-out scores of every model")
     own = own_scores(zoo.base, finetunes, score_rows, all_rows)
     sections = [
@@ -247,12 +244,12 @@ def run_zoo_diagnostics(zoo: Zoo, out: Path, plan: ZooDiagnostics, log=print) ->
         finetunes,
         score_rows,
         out / "disentanglement",
-        plan.disentanglement_grid,
-        replace(data, num_samples=plan.disentanglement_samples),
+        settings.disentanglement_grid,
+        replace(data, num_samples=settings.disentanglement_samples),
     )
     sections += ["## Disentanglement\n", (out / "disentanglement" / "disentanglement.md").read_text()]
     step("lambda search and SLTA merges")
-    searched, searches = search_sections(zoo, finetunes, held_out, out, all_rows, own, plan, reference)
+    searched, searches = search_sections(zoo, finetunes, held_out, out, all_rows, own, settings, reference)
     sections += searched
     for granularity in ("attn_mlp", "layer"):
         step(f"SLTA coefficients: {granularity}")
@@ -263,7 +260,7 @@ def run_zoo_diagnostics(zoo: Zoo, out: Path, plan: ZooDiagnostics, log=print) ->
             out / "slta",
             searches[reference].chosen,
             granularity,
-            replace(data, num_samples=plan.slta_samples),
+            replace(data, num_samples=settings.slta_samples),
         )
         sections += [
             f"## SLTA coefficients ({granularity}, {reference} fine-tunes)\n",

@@ -1,7 +1,7 @@
 """SLTA's solved coefficients per layer and task, next to the best global task-arithmetic lambda.
 
 Task arithmetic with weights 1 gives every task and every submodule the same coefficient:
-theta_0 + lambda * sum_t tau_t. SLTA (Dai et al., ICLR 2025; `merges.slta`) solves one a_t per
+theta_0 + lambda * sum_t tau_t. SLTA (Dai et al., ICLR 2025; `merge_harness.merges.slta`) solves one a_t per
 submodule instead. Plotting the solved a_t^i per layer against the lambda that `search` picked
 on held-out train data shows where SLTA departs from one global coefficient.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.config import MergeConfig
-from harness.diagnostics.data import DataSettings
-from harness.diagnostics.tables import markdown_table
-from harness.engine import merge_state_dict
-from reports.plots import submodule_order
+from merge_harness.diagnostics.tables import markdown_table
+from merge_harness.merge.config import MergeConfig
+from merge_harness.merge.engine import merge_state_dict
+from merge_harness.reports.plots import submodule_order
+from merge_harness.selection.answers import DataSettings
 
 GRANULARITIES = ("layer", "attn_mlp")
 
@@ -97,7 +97,7 @@ def slta_report(
     data: DataSettings = DataSettings(),
 ) -> tuple[pd.DataFrame, list[Path]]:
     """SLTA's coefficients (CSV, Markdown vs `best_lambda`) and their plot (PNG + SVG)."""
-    from reports.plots import save
+    from merge_harness.reports.plots import save
 
     frame = slta_coefficients(base, finetunes, calibration, granularity, data)
     out = Path(out_dir)

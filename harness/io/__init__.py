@@ -1,0 +1,3 @@
+"""Checkpoint IO: safetensors and .bin shards read tensor by tensor, sharded writing, and loading HF
+models and tokenizers.
+"""

@@ -1,0 +1,3 @@
+"""Merging: the config format, the per-tensor plan, the streaming engine, and the data-driven engine
+with its calibration data and features.
+"""

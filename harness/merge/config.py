@@ -1,0 +1,181 @@
+"""Merge configs: one pydantic schema that reads both our YAML and mergekit's.
+
+mergekit users bring configs like::
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 1.0, density: [{filter: self_attn, value: 0.5}, {value: 0.3}]}
+    parameters: {normalize: true}
+    dtype: bfloat16
+
+and that is our format too (`method:` is accepted as a synonym of `merge_method:`). A parameter
+value is a scalar, a gradient (a list of numbers interpolated over the layers), or a list of
+`{filter, value}` conditions where the first condition whose filter is a substring of the tensor
+name wins. Errors name the YAML file, line and field path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from merge_harness.core.config_files import load_config_file, relative_to
+from merge_harness.core.errors import ConfigError
+from merge_harness.train.prompts import check_template
+
+Scalar = bool | int | float | str
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    value: Scalar | list[Scalar]
+    filter: str | None = None
+
+
+Setting = Scalar | list[Scalar] | Condition | list[Condition]
+
+
+class CalibrationSource(BaseModel):
+    """One fine-tune's calibration data and how it is drawn (`calibration: PATH` is short for
+    `calibration: {source: PATH}`).
+
+    Unset fields fall back to the merge's `calibration:` settings (template, allow_fewer) and
+    to the method's `num_samples` / `seed`; an unset template falls back to the one the
+    fine-tune recorded in training (`merge_harness.train.prompts.recorded_template`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="a JSONL file or an lm-eval task name (train split)")
+    template: str | None = Field(None, description="chat | fastchat | plain | a format string")
+    num_samples: int | None = Field(None, ge=1, description="examples drawn (default: the method's)")
+    seed: int | None = Field(None, description="sampling seed (default: the method's)")
+    allow_fewer: bool | None = Field(None, description="use all rows when fewer than num_samples")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: Any) -> Any:
+        return {"source": data} if isinstance(data, str) else data
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return known_template(value)
+
+
+def known_template(value: str | None) -> str | None:
+    """A field validator's view of `check_template`: its error as a ValueError (for the YAML line)."""
+    try:
+        return None if value is None else check_template(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    calibration: CalibrationSource | None = None  # this fine-tune's data (JSONL path or task name)
+
+
+DType = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class CalibrationSettings(BaseModel):
+    """How calibration examples become token batches (model-level methods: slta, regmean, fisher).
+
+    How many examples and which seed are method parameters (`num_samples`, `seed`); these are
+    the settings shared by every method. `template` (`merge_harness.train.prompts`): chat, fastchat, plain
+    or a format string; unset, each fine-tune's calibration uses the template it was trained
+    with (its own `calibration.template`, else the one it recorded), and a fine-tune that
+    records none is an error: calibrating in another template than training's changes results.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int = Field(512, ge=2, description="tokens per example (longer ones are cut)")
+    template: str | None = Field(None, description="chat | fastchat | plain | a format string")
+    batch_size: int = Field(8, ge=1, description="examples per forward chunk")
+    allow_fewer: bool = Field(False, description="use all rows when fewer than num_samples")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return known_template(value)
+
+
+class MergeConfig(BaseModel):
+    """What to merge, how, and into which dtype. `method` params are checked by the plan."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: str = Field(alias="merge_method")
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    # True for configs in mergekit's own format: defaults then follow mergekit where they differ.
+    mergekit_compat: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_mergekit(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unsupported = sorted({"slices", "modules", "tokenizer", "chat_template"} & set(data))
+        if unsupported:
+            raise ValueError(
+                f"mergekit keys {unsupported} are not supported; list whole models under `models:`"
+            )
+        if "method" in data and "merge_method" not in data:
+            data = {**data, "merge_method": data["method"]}
+            del data["method"]
+        elif "merge_method" in data:
+            data = {**data, "mergekit_compat": data.get("mergekit_compat", True)}
+        return data
+
+    @property
+    def output_dtype(self) -> str | None:
+        return self.out_dtype or self.dtype
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    config, _ = load_config_file(path, MergeConfig, "a merge config")
+    return resolve_relative_paths(config, Path(path).parent)
+
+
+def calibration_relative_to(source: CalibrationSource | None, root: Path) -> CalibrationSource | None:
+    if source is None:
+        return None
+    return source.model_copy(update={"source": relative_to(source.source, root)})
+
+
+def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
+    """Model and data paths in a config file are relative to that file, like mergekit's."""
+    models = [
+        entry.model_copy(
+            update={
+                "model": relative_to(entry.model, root),
+                "calibration": calibration_relative_to(entry.calibration, root),
+            }
+        )
+        for entry in config.models
+    ]
+    return config.model_copy(
+        update={
+            "base_model": relative_to(config.base_model, root),
+            "models": models,
+            "tokenizer_source": relative_to(config.tokenizer_source, root),
+        }
+    )

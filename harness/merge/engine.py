@@ -1,0 +1,200 @@
+"""The expensive half of a merge: stream tensors through the method, to disk or into memory.
+
+Per-tensor methods run one output tensor at a time: read that tensor from each input, merge in
+float32 on the chosen device, cast to the output dtype, hand it to a sink (the shard writer or a
+state dict) and drop it. Peak memory is therefore about one tensor per input model, whatever the
+model size. Random methods draw from a CPU generator seeded by (seed, tensor name), so results do
+not depend on the order or the subset of tensors merged, nor on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merge_harness.core.errors import CheckpointError, MethodError
+from merge_harness.core.progress import progress_bar
+from merge_harness.io.checkpoint import ShardedWriter, check_not_an_input, check_output_dir
+from merge_harness.io.models import build_model
+from merge_harness.merge.config import MergeConfig
+from merge_harness.merge.outcome import MergeOutcome
+from merge_harness.merge.plan import MergePlan, TensorTask, build_plan
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by the tensor's name: same name and seed, same draws on any device."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return generator
+
+
+@dataclass
+class TensorInputs:
+    """What one output tensor is made from, read from the checkpoints (see `read_inputs`)."""
+
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    passthrough: torch.Tensor | None = None  # set for tensors copied unchanged from the base
+
+
+def read_inputs(plan: MergePlan, task: TensorTask, device: str = "cpu") -> TensorInputs:
+    """Read one output tensor's inputs, NaN/inf-checked and on `device`."""
+    name = task.info.name
+    if task.params is None:  # integer buffers and the like pass through unchanged
+        return TensorInputs(None, [], (plan.base or plan.models[0]).read(name))
+    base = _read_checked(plan.base, name, device) if plan.base else None
+    return TensorInputs(base, [_read_checked(model, name, device) for model in plan.models])
+
+
+def merge_inputs(plan: MergePlan, task: TensorTask, inputs: TensorInputs) -> torch.Tensor:
+    """Merge one output tensor; bad inputs and bad outputs are named with the tensor."""
+    if inputs.passthrough is not None:
+        return inputs.passthrough
+    name = task.info.name
+    generator = tensor_generator(plan.config.seed, name)
+    try:
+        merged = plan.method.merge_tensor(
+            inputs.base, inputs.tensors, task.model_params, task.params, generator
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise MethodError(f"{plan.method.name} failed on tensor {name!r}: {exc}") from exc
+    if not all_finite(merged):
+        raise MethodError(f"{plan.method.name} produced NaN/inf in tensor {name!r}")
+    return merged.to(task.info.dtype)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf: a one-pass sum finds any (NaN and inf propagate), and only a non-finite
+    sum (possibly an overflow of huge finite values) pays for the exact element-wise check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _read_checked(checkpoint, name: str, device: str) -> torch.Tensor:
+    tensor = checkpoint.read(name).to(device)
+    if not all_finite(tensor):
+        raise CheckpointError(f"{checkpoint.tensors[name].file}: tensor {name!r} contains NaN or inf")
+    return tensor
+
+
+def input_bytes(plan: MergePlan, task: TensorTask) -> int:
+    """Bytes `read_inputs` holds for `task`: one tensor per input checkpoint."""
+    return task.info.nbytes * (len(plan.models) + (plan.base is not None))
+
+
+def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merged tensors in plan order, reading the next tensor's inputs while this one merges.
+
+    File reads release the GIL, so a reader thread overlaps IO with the arithmetic. It reads
+    ahead only while the inputs of both tensors fit in what the largest tensor needs anyway, so
+    the peak memory of a merge is that of a strictly serial one.
+    """
+    tasks = plan.tasks
+    budget = max((input_bytes(plan, t) for t in tasks), default=0)
+    with (
+        progress_bar(len(tasks), f"merging ({plan.method.name})", show_progress) as advance,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as reader,
+    ):
+        ahead: Future[TensorInputs] | None = None
+        for index, task in enumerate(tasks):
+            inputs = ahead.result() if ahead is not None else read_inputs(plan, task, device)
+            ahead = None
+            following = tasks[index + 1] if index + 1 < len(tasks) else None
+            if following is not None and input_bytes(plan, task) + input_bytes(plan, following) <= budget:
+                ahead = reader.submit(read_inputs, plan, following, device)
+            merged = merge_inputs(plan, task, inputs)  # on error, leaving the block waits for the read
+            del inputs
+            yield task.info.name, merged
+            advance()
+
+
+def _calibrated(plan: MergePlan, show_progress: bool, calibration: Sequence | None = None) -> MergeOutcome:
+    """Model-level methods (calibration data, whole-model statistics): see merge_harness.merge.data_driven."""
+    from merge_harness.merge.data_driven import merge_calibrated
+
+    return merge_calibrated(plan.config, show_progress=show_progress, plan=plan, calibration=calibration)
+
+
+def _write_coefficients(plan: MergePlan, outcome: MergeOutcome, out_dir: Path) -> None:
+    """Solved coefficients (e.g. SLTA's) next to the weights, as `<method>_coefficients.json`."""
+    if not outcome.coefficients:
+        return
+    record = {
+        "method": plan.method.name,
+        "coefficients": [vars(c) for c in outcome.coefficients],
+        "forward_passes": outcome.forward_passes,
+    }
+    path = Path(out_dir) / f"{plan.method.name}_coefficients.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def merge_to_disk(
+    config: MergeConfig,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    show_progress: bool = True,
+) -> MergeOutcome:
+    """Merge into a HF model directory; nothing is left at `out_dir` unless the merge finished."""
+    start = time.perf_counter()
+    plan = build_plan(config)
+    check_not_an_input(Path(out_dir), plan.inputs())
+    check_output_dir(Path(out_dir), force)  # before calibration, which may take minutes
+    calibrated = None if plan.method.streaming else _calibrated(plan, show_progress)
+    writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
+    try:
+        if calibrated is None:
+            for name, tensor in iter_merged(plan, config.device, show_progress):
+                writer.write(name, tensor)
+        else:
+            for task in plan.tasks:
+                writer.write(task.info.name, calibrated.state.pop(task.info.name))
+        writer.commit(plan.sidecar_source, plan.out_config)
+    except BaseException:
+        writer.abort()
+        raise
+    outcome = MergeOutcome(None, Path(out_dir), time.perf_counter() - start, len(plan.tasks))
+    if calibrated is not None:
+        outcome.coefficients = calibrated.coefficients
+        outcome.forward_passes = calibrated.forward_passes
+        _write_coefficients(plan, outcome, Path(out_dir))
+    return outcome
+
+
+def merge_state_dict(
+    config: MergeConfig, *, show_progress: bool = False, calibration: Sequence | None = None
+) -> MergeOutcome:
+    """Merge into memory: a {name: tensor} state dict, with no disk round trip.
+
+    `calibration`: for model-level methods, your own token batches instead of the configured
+    sources, one `merge_harness.merge.calibration_data.CalibrationSet` per fine-tune in config order.
+    """
+    start = time.perf_counter()
+    plan = build_plan(config)
+    if not plan.method.streaming:
+        return _calibrated(plan, show_progress, calibration)
+    state = dict(iter_merged(plan, config.device, show_progress))
+    seconds = time.perf_counter() - start
+    return MergeOutcome(state, None, seconds, len(plan.tasks), [], plan.out_config, plan.sidecar_source)
+
+
+def merge_model(
+    config: MergeConfig, *, show_progress: bool = False, calibration: Sequence | None = None
+) -> tuple[object, Path]:
+    """Merge into a loaded transformers model, ready for lm-eval without a disk round trip.
+
+    Returns the model and the directory its tokenizer files come from (`tokenizer_source`,
+    else the base model). `calibration` as in `merge_state_dict`.
+    """
+    outcome = merge_state_dict(config, show_progress=show_progress, calibration=calibration)
+    return build_model(outcome.model_config, outcome.state), outcome.tokenizer_dir

@@ -1,0 +1,118 @@
+"""One model job, wherever it runs: build the model (merging in memory, after a held-out search
+when the job asks for one), evaluate it on its pending tasks, and hand each result to a sink.
+
+Executors call `run_model_job` (the local executor in-process, Ray in a worker); it never touches
+the store, so it can run on any host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from merge_harness.core.results import JobResult
+from merge_harness.merge.config import MergeConfig
+from merge_harness.run.experiment import ModelJob, TaskJob
+
+ResultSink = Callable[[JobResult], None]
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with contextlib.suppress(OSError):  # elsewhere the peak stays the process's lifetime peak
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last `reset_peak_rss` (else since the process started)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def searched_merge(job: ModelJob) -> tuple[MergeConfig | None, dict | None]:
+    """The merge to build and, for a `search:` job, what the held-out search chose (else None)."""
+    if job.merge is None or job.search is None:
+        return job.merge, None
+    from merge_harness.selection.answers import DataSettings
+    from merge_harness.selection.search import SearchSpec, search_coefficient
+
+    search, merge = job.search, job.merge
+    settings = search.settings
+    finetunes = {entry.model: entry.model for entry in merge.models if entry.model in search.held_out}
+    spec = SearchSpec(
+        method=merge.method,
+        parameter=settings.parameter,
+        grid=settings.grid,
+        metric=settings.metric,
+        calibration={m: s for m, s in search.calibration.items() if m in finetunes},
+    )
+
+    def at(value: float) -> MergeConfig:  # the job's own merge, the searched parameter replaced
+        return merge.model_copy(update={"parameters": {**merge.parameters, settings.parameter: value}})
+
+    data = DataSettings(
+        num_samples=settings.num_samples,
+        seed=settings.seed,
+        template=search.template,
+        max_length=settings.max_length,
+        batch_size=settings.batch_size,
+        held_out_fraction=None if search.whole_sources else settings.held_out_fraction,
+    )
+    result = search_coefficient(merge.base_model, finetunes, search.held_out, spec, data, config_at=at)
+    selected = {"by": "held-out", "parameter": settings.parameter, "value": result.chosen,
+                "metric": settings.metric, "score": result.best_score}
+    return at(result.chosen), selected
+
+
+def load_job_model(job: ModelJob, merge: MergeConfig | None = None):
+    """(model, tokenizer, merge outcome or None): merges in memory, others from their directory."""
+    from merge_harness.io.models import build_model, load_pretrained, load_tokenizer, resolve_model
+    from merge_harness.merge.engine import merge_state_dict
+
+    merge = merge or job.merge
+    if merge is not None:
+        outcome = merge_state_dict(merge)
+        model = build_model(outcome.model_config, outcome.state)
+        outcome.state = None  # the model owns the tensors now
+        return model, load_tokenizer(outcome.tokenizer_dir), outcome
+    path = resolve_model(job.model_ref)
+    return load_pretrained(path), load_tokenizer(path), None
+
+
+def run_model_job(job: ModelJob, pending: Sequence[TaskJob], experiment: str, sink: ResultSink) -> None:
+    """Build one model and evaluate it on its pending tasks, handing each result to `sink`."""
+    from merge_harness.evaluate.evaluator import evaluate
+
+    reset_peak_rss()  # the recorded peak is this job's: building the model and evaluating it
+    start = time.perf_counter()
+    merge, selected = searched_merge(job)
+    model, tokenizer, outcome = load_job_model(job, merge)
+    build_seconds = time.perf_counter() - start
+    coefficients = outcome.coefficients if outcome else []
+    for task in pending:
+        report = evaluate(model, tokenizer, [task.task], task.settings)
+        timings = {"build": build_seconds, "evaluate": report.seconds}
+        if outcome is not None:
+            timings["merge"] = outcome.seconds
+        sink(
+            JobResult(
+                key=task.key,
+                experiment=experiment,
+                model_label=job.label,
+                spec={**task.spec, "selected": selected} if selected else task.spec,
+                scores=list(report.scores),
+                coefficients=list(coefficients),
+                timings=timings,
+                versions=dict(report.versions),
+                peak_rss_mb=peak_rss_mb(),
+                samples_log=report.samples,
+            )
+        )

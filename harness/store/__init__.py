@@ -1,0 +1,3 @@
+"""The SQLite result store: schema migrations, results, and the claims that let several runners share
+one store.
+"""
