@@ -27,6 +27,7 @@ import pandas as pd
 
 from merge_harness.core.errors import ConfigError, StoreError
 from merge_harness.reports import metrics as m
+from merge_harness.store.database import merge_of
 
 AVERAGE = "Avg."
 MERGE_TIME = "Merge (s)"
@@ -112,19 +113,8 @@ class ComparisonTable:
 
 
 def spec_params(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge parameters of a job spec (spec["merge"]["parameters"] or ["params"]), flattened."""
-    merge = spec.get("merge") if isinstance(spec.get("merge"), Mapping) else {}
-    return _flatten(merge.get("parameters", merge.get("params")) or {})
-
-
-def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in params.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{name}."))
-        else:
-            flat[prefix + name] = json.dumps(value) if isinstance(value, list) else value
-    return flat
+    """Merge parameters of a job spec, flattened as the store flattens them (`merge_of`)."""
+    return merge_of(spec)[1]
 
 
 def _row_meta(results: pd.DataFrame, finetune_order: Sequence[str]) -> pd.DataFrame:

@@ -95,7 +95,7 @@ def test_no_code_imports_the_folder_names():
 
 def test_the_installed_distribution_has_one_top_level_name():
     tops = {name for name, dists in importlib.metadata.packages_distributions().items()
-            if "merge-harness" in dists and not name.startswith("__editable__")}  # an editable install's finder
+            if "merge-harness" in dists and not name.startswith("__editable__")}  # editable's finder
     assert tops == {"merge_harness"}
 
 

@@ -206,3 +206,29 @@ def test_a_nan_merge_parameter_names_the_field_not_a_tensor(zoo, tmp_path):
     assert "parameters.lambda: must be a finite number, got nan" in line
     assert "lm_head" not in line.split("(")[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_validation_error_of_a_config_is_on_the_one_line(tmp_path):
+    from merge_harness.core.errors import ConfigError
+    from merge_harness.run.experiment import load_experiment
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nbase_model: b\nseed: many\ndevice: [cpu]\ntasks: [toy_qa]\nbogus: 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(path)
+    message = str(raised.value)
+    assert "\n" not in message and "more)" not in message
+    for field, line in (("seed", 3), ("device", 4), ("bogus", 6)):
+        assert f"{path}:{line}: {field}:" in message
+
+
+def test_paths_in_an_experiment_are_relative_to_its_file_store_included(tiny_zoo, tmp_path, monkeypatch):
+    from merge_harness.run.experiment import load_experiment
+
+    folder = tmp_path / "exp"
+    shutil.copytree(tiny_zoo["base"], folder / "base")
+    (folder / "e.yaml").write_text("name: x\nbase_model: base\nfinetunes:\n  qa: {model: base}\n"
+                                 "tasks: [toy_qa]\nstore: out/s.sqlite\n")
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment("exp/e.yaml")
+    assert (experiment.base_model, experiment.store) == ("exp/base", "exp/out/s.sqlite")

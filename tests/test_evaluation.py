@@ -55,7 +55,7 @@ def test_all_six_fixture_tasks_end_to_end(toy):
     assert report.versions["lm_eval"].startswith("0.4")
     assert report.versions["gsm8k_fixture.version"] == "3.0"
     assert all(len(report.versions[f"{task}.config"]) == 16 for task in EXPECTED)
-    assert set(report.task_seconds) == set(EXPECTED) and report.seconds > 0
+    assert report.seconds > 0 and report.setup_seconds == 0  # the HF backend wraps the model as it is
     assert {record["task"] for record in report.samples} == set(EXPECTED)
 
 

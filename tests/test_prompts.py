@@ -23,7 +23,9 @@ from merge_harness.train.prompts import (
     IGNORE,
     RECORD_FILE,
     Example,
+    check_template,
     encode,
+    read_jsonl,
     recorded_template,
     training_record,
 )
@@ -226,3 +228,27 @@ def test_a_finetune_without_a_recorded_template_fails_at_planning(tmp_path):
     with pytest.raises(ConfigError, match=r"finetunes\.math\.calibration\.template: .*records no"):
         plan_jobs(experiment)
     assert plan_jobs(experiment, identify=False)  # --dry-run validation reads no model
+
+
+@pytest.mark.parametrize("template", ["{prompt} {answer} {response}", "{prompt}{response}{0}",
+                                      "{prompt {response}"])
+def test_a_format_string_with_an_unknown_placeholder_is_refused_before_any_rendering(template):
+    with pytest.raises(ConfigError, match="template"):
+        check_template(template)
+
+
+def test_a_finetune_template_error_names_the_yaml_line(tmp_path):
+    from merge_harness.train.finetune import load_finetune_config
+
+    path = tmp_path / "ft.yaml"
+    path.write_text("base_model: b\ndata: d.jsonl\noutput_dir: out\ntemplate: '{prompt} {x} {response}'\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4: template: .*unknown placeholder"):
+        load_finetune_config(path)
+
+
+@pytest.mark.parametrize("response", ["null", "true", "[1]"])
+def test_a_row_whose_response_is_not_text_or_a_number_is_a_data_error(tmp_path, response):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "2+2", "response": 4}\n' + f'{{"prompt": "q", "response": {response}}}\n')
+    with pytest.raises(ConfigError, match=rf"^{path}:2: a row needs"):
+        read_jsonl(path)

@@ -92,6 +92,18 @@ def load_config_file(path: str | Path, model: type[Model], what: str) -> tuple[M
 
 def relative_to(ref: str | None, root: Path) -> str | None:
     """A path written in a config file is relative to that file; anything else (a HF id) is kept."""
-    if ref is None or Path(ref).is_absolute() or not (root / ref).exists():
-        return ref
-    return str(root / ref)
+    if ref is None:
+        return None
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return str(path) if path.exists() else ref
+    return str(root / path) if (root / path).exists() else ref
+
+
+def output_relative_to(ref: str | None, root: Path) -> str | None:
+    """An output path written in a config file (a directory to write, a store) is relative to
+    that file too; it need not exist yet."""
+    if ref is None:
+        return None
+    path = Path(ref).expanduser()
+    return str(path if path.is_absolute() else root / path)

@@ -63,9 +63,9 @@ class EvaluationReport:
 
     scores: list[Score]
     versions: dict[str, str]  # "lm_eval", "<task>.version", "<task>.config" (sha256 prefix)
-    seconds: float
-    task_seconds: dict[str, float]
+    seconds: float  # all of it, the backend's set-up included
     samples: list[dict[str, Any]] | None = None  # one record per (task, doc, filter)
+    setup_seconds: float = 0.0  # wrapping the model for the backend (vLLM: starting the engine)
 
     def value(self, task: str, metric: str) -> float:
         for score in self.scores:
@@ -148,11 +148,6 @@ def catalog_for(names: Sequence[str]) -> TaskCatalog:
     return local if names and set(names) <= set(local.names) else default_catalog()
 
 
-def task_manager():
-    """The cached lm-eval `TaskManager` that knows lm-eval's tasks and ours."""
-    return default_catalog().manager
-
-
 def check_tasks(names: Sequence[str], catalog: TaskCatalog | None = None) -> None:
     (catalog or catalog_for(names)).check(names)
 
@@ -214,20 +209,15 @@ def evaluate(
     start = time.perf_counter()
     scores: list[Score] = []
     versions = {"lm_eval": lm_eval.__version__, **_library_versions()}
-    task_seconds: dict[str, float] = {}
     samples: list[dict[str, Any]] | None = [] if settings.log_samples else None
     with _wrapped_model(model, tokenizer, settings) as (lm, setup_seconds):
-        if setup_seconds:
-            task_seconds["backend_setup"] = setup_seconds
         for name in tasks:
-            task_start = time.perf_counter()
             results = _run_task(lm, name, settings, catalog)
-            task_seconds[name] = time.perf_counter() - task_start
             scores += parse_scores(results)
             versions.update(task_versions(results))
             if samples is not None:
                 samples += sample_records(results)
-    return EvaluationReport(scores, versions, time.perf_counter() - start, task_seconds, samples)
+    return EvaluationReport(scores, versions, time.perf_counter() - start, samples, setup_seconds)
 
 
 @contextlib.contextmanager

@@ -24,8 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merge_harness.core.config_files import load_config_file, relative_to
-from merge_harness.core.errors import ConfigError
-from merge_harness.train.prompts import check_template
+from merge_harness.train.prompts import known_template
 
 Scalar = bool | int | float | str
 
@@ -66,14 +65,6 @@ class CalibrationSource(BaseModel):
     @classmethod
     def _known_template(cls, value: str | None) -> str | None:
         return known_template(value)
-
-
-def known_template(value: str | None) -> str | None:
-    """A field validator's view of `check_template`: its error as a ValueError (for the YAML line)."""
-    try:
-        return None if value is None else check_template(value)
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
 
 
 class ModelEntry(BaseModel):

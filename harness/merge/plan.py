@@ -1,8 +1,9 @@
 """The cheap half of a merge: read headers, check the models agree, resolve every parameter.
 
 `build_plan` opens each checkpoint's safetensors headers (no tensor data), checks architectures,
-tensor names and shapes, validates the method's parameters for every tensor, and checks the
-output directory, so that every error a config can cause is raised before any tensor is read.
+tensor names and shapes and validates the method's parameters for every tensor, so that every
+error a config can cause is raised before any tensor is read. (The output directory is checked
+by the engine, `merge_to_disk`, before it starts.)
 """
 
 from __future__ import annotations

@@ -32,7 +32,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 import merge_harness
-from merge_harness.core.config_files import format_loc, load_config_file, locate, relative_to
+from merge_harness.core.config_files import (
+    format_loc,
+    load_config_file,
+    locate,
+    output_relative_to,
+    relative_to,
+)
 from merge_harness.core.errors import ConfigError, HarnessError
 from merge_harness.evaluate.evaluator import EvalSettings
 from merge_harness.io.models import resolve_model
@@ -144,7 +150,8 @@ def located(experiment: Experiment, *loc: str | int) -> str:
 
 
 def _relative_to(experiment: Experiment, root: Path) -> Experiment:
-    """Paths in an experiment file are relative to that file."""
+    """Paths in an experiment file are relative to that file (inputs where they exist there;
+    the store always)."""
     finetunes = {
         name: ft.model_copy(
             update={
@@ -155,7 +162,8 @@ def _relative_to(experiment: Experiment, root: Path) -> Experiment:
         for name, ft in experiment.finetunes.items()
     }
     base = relative_to(experiment.base_model, root)
-    return experiment.model_copy(update={"base_model": base, "finetunes": finetunes})
+    store = output_relative_to(experiment.store, root)
+    return experiment.model_copy(update={"base_model": base, "finetunes": finetunes, "store": store})
 
 
 # ------------------------------------------------------------------------------------------ jobs

@@ -100,6 +100,8 @@ def run_model_job(job: ModelJob, pending: Sequence[TaskJob], experiment: str, si
     for task in pending:
         report = evaluate(model, tokenizer, [task.task], task.settings)
         timings = {"build": build_seconds, "evaluate": report.seconds}
+        if report.setup_seconds:
+            timings["backend_setup"] = report.setup_seconds
         if outcome is not None:
             timings["merge"] = outcome.seconds
         sink(

@@ -359,7 +359,7 @@ class ResultStore:
                 times.setdefault(key, {})[f"time_{phase}"] = seconds
         records = []
         for key, exp, label, spec_json, task, metric, value, stderr, samples, rss in rows:
-            method, merge_params = _merge_of(json.loads(spec_json))
+            method, merge_params = merge_of(json.loads(spec_json))
             records.append({"key": key, "experiment": exp, "label": label, "method": method,
                             "task": task, "metric": metric, "value": value, "stderr": stderr,
                             "samples": samples, "peak_rss_mb": rss, "spec_json": spec_json,
@@ -443,8 +443,10 @@ class ResultStore:
         return imported, len(parsed) - imported
 
 
-def _merge_of(spec: Any) -> tuple[str | None, dict[str, Any]]:
-    """(method, flattened params) from a spec, whatever else it holds."""
+def merge_of(spec: Any) -> tuple[str | None, dict[str, Any]]:
+    """(method, flattened params) of a job spec, whatever else it holds: the one reading of a
+    spec's merge that the store's columns and every report share. Nested parameters become
+    dotted names (`a.b`); lists their canonical JSON."""
     spec = spec if isinstance(spec, dict) else {}
     source = spec["merge"] if isinstance(spec.get("merge"), dict) else spec
     method, params = source.get("method"), source.get("parameters", source.get("params"))

@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from merge_harness.core.config_files import load_config_file
+from merge_harness.core.config_files import load_config_file, output_relative_to, relative_to
 from merge_harness.core.errors import ConfigError
 from merge_harness.core.progress import progress_bar
 from merge_harness.io.checkpoint import replace_dir
-from merge_harness.train.prompts import IGNORE, Example, check_template, encode, read_jsonl, training_record
+from merge_harness.train.prompts import IGNORE, Example, encode, known_template, read_jsonl, training_record
 
 Trainable = Literal["full", "attn_only", "mlp_only"]
 TRAINABLE_PATTERNS = {
@@ -102,9 +102,10 @@ class TrainingSettings(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
 
+    _known_template = field_validator("template")(known_template)
+
     @model_validator(mode="after")
     def _check(self) -> TrainingSettings:
-        check_template(self.template)
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("set epochs or max_steps, not both")
         return self
@@ -152,18 +153,11 @@ def load_finetune_config(path: str | Path) -> FinetuneConfig:
     config, _ = load_config_file(path, FinetuneConfig, "a fine-tuning config")
     config.settings()  # preset + overrides must make sense together
     root = path.parent
-
-    def local(ref: str, must_exist: bool) -> str:
-        candidate = root / ref
-        if Path(ref).is_absolute() or (must_exist and not candidate.exists()):
-            return ref
-        return str(candidate)
-
     return config.model_copy(
         update={
-            "base_model": local(config.base_model, True),
-            "data": local(config.data, True),
-            "output_dir": local(config.output_dir, False),
+            "base_model": relative_to(config.base_model, root),
+            "data": relative_to(config.data, root),
+            "output_dir": output_relative_to(config.output_dir, root),
         }
     )
 

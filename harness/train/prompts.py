@@ -20,6 +20,7 @@ A `merge-harness finetune` run (and every zoo) records its template in the fine-
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,12 @@ class Example:
     separator: str = ""  # what `plain` puts between prompt and response (lm-eval's delimiter)
 
 
+FORMAT_FIELDS = ("prompt", "response", "bos", "eos")
+
+
 def check_template(template: str) -> str:
-    """A built-in name or a format string with {prompt} and {response}; else a ConfigError."""
+    """A built-in name or a format string with {prompt} and {response} (and optionally {bos},
+    {eos}); else a ConfigError."""
     if template in BUILTIN_TEMPLATES:
         return template
     if "{prompt}" not in template or "{response}" not in template:
@@ -54,7 +59,23 @@ def check_template(template: str) -> str:
         )
     if template.index("{prompt}") > template.index("{response}"):
         raise ConfigError(f"template {template!r}: {{prompt}} must come before {{response}}")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ConfigError(f"template {template!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    if unknown := sorted(fields - set(FORMAT_FIELDS)):
+        raise ConfigError(f"template {template!r}: unknown placeholder(s) {unknown} "
+                          f"(known: {', '.join(FORMAT_FIELDS)})")
     return template
+
+
+def known_template(value: str | None) -> str | None:
+    """A pydantic validator's view of `check_template`: its error as a ValueError, so that
+    the config loader names the YAML file, line and field."""
+    try:
+        return None if value is None else check_template(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def render(example: Example, tokenizer, template: str) -> tuple[str, str]:
@@ -132,7 +153,7 @@ def read_jsonl(path: Path) -> list[Example]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read calibration file: {exc}") from exc
+        raise ConfigError(f"{path}: cannot read data file: {exc}") from exc
     examples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -143,8 +164,15 @@ def read_jsonl(path: Path) -> list[Example]:
             raise ConfigError(f"{path}:{number}: invalid JSON: {exc}") from None
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             examples.append(Example(row["text"]))
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and "response" in row:
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and _is_answer(row.get("response")):
             examples.append(Example(row["prompt"], str(row["response"])))
         else:
-            raise ConfigError(f"{path}:{number}: a row needs `text`, or `prompt` and `response`")
+            raise ConfigError(
+                f"{path}:{number}: a row needs `text`, or `prompt` and `response` (a string or number)"
+            )
     return examples
+
+
+def _is_answer(value: object) -> bool:
+    """A response is text or a number (`#### 42` data often stores 42); null or true is a data error."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
