@@ -47,8 +47,9 @@ class MergeMethod:
     `params` holds method-wide values (lambda, normalize, t...), `model_params` the values given
     per input model (weight, density...). Either may vary by tensor name through filters in the
     config; the engine resolves and validates them per tensor before calling `merge_tensor`.
-    `base_role`: "required" methods get the base and the *other* models as `tensors`; "unused"
-    methods (linear) get every listed model as `tensors` and `base=None`.
+    `base_role`: "required" methods get the base and the *other* models as `tensors`; "optional"
+    methods (nuslerp, karcher) the same when a base is given, else `base=None`; "unused" methods
+    (linear, passthrough) get every listed model as `tensors` and `base=None`.
     """
 
     name: str

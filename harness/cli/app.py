@@ -16,9 +16,11 @@ from merge_harness.cli.common import (
     err_console,
     open_store,
     options,
+    parse_kmb,
     parse_size,
     print_frame,
 )
+from merge_harness.core.errors import ConfigError
 
 app = HarnessApp(
     name="merge-harness",
@@ -91,26 +93,82 @@ def methods(
     console.print(table)
 
 
-@app.command()
+# mergekit-yaml options that have no counterpart here: refused in one line, never silently.
+MERGEKIT_UNSUPPORTED = {
+    "--trust-remote-code": "remote code is never run",
+    "--lora-merge-cache": "LoRA inputs are not supported",
+    "--lora-merge-dtype": "LoRA inputs are not supported",
+    "--transformers-cache": "set HF_HOME instead",
+    "--low-cpu-memory": "merges always stream one tensor per input",
+    "--clone-tensors": "tensors are never shared between outputs",
+    "--no-safe-serialization": "output is always safetensors",
+    "--read-to-gpu": "use --cuda (inputs are moved per tensor)",
+    "--multi-gpu": "one device per merge",
+    "--gpu-rich": "one device per merge",
+    "--async-write": "writes already overlap reads",
+    "--write-threads": "writes already overlap reads",
+    "--unsafe-truncate-embeddings": "vocabularies must match",
+    "--num-threads": "use the global option: merge-harness --threads N merge ...",
+}
+MERGEKIT_NO_EFFECT = {
+    "--lazy-unpickle": "tensors are always read lazily",
+    "--safe-serialization": "output is always safetensors",
+}
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def merge(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="Merge YAML (ours or mergekit's format)."),
     out: Path = typer.Argument(..., help="Output model directory."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (overrides the config)."),
+    cuda: bool = typer.Option(False, "--cuda", help="Merge on the GPU (mergekit's flag; = --device cuda)."),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype (overrides the config)."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="e.g. 500MB, 2GB."),
+    max_shard_size: str = typer.Option(None, "--max-shard-size", help="e.g. 500MB, 2GB (default 2GB)."),
+    out_shard_size: str = typer.Option(
+        None, "--out-shard-size", help="mergekit's units: bytes with K/M/B = 1e3/1e6/1e9, e.g. 5B."
+    ),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
+                                        help="Copy the tokenizer next to the weights."),
+    write_model_card: bool = typer.Option(True, "--write-model-card/--no-write-model-card",
+                                          help="Write README.md (HF model card)."),
+    random_seed: int = typer.Option(None, "--random-seed", help="Seed of random methods (overrides config)."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes",
+                                      help="Merge different architectures whose tensors match."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Merge models as CONFIG says and write a Hugging Face model directory to OUT."""
-    from merge_harness.merge.config import load_merge_config
-    from merge_harness.merge.engine import merge_to_disk
+    """Merge models as CONFIG says and write a Hugging Face model directory to OUT.
 
+    Takes mergekit-yaml's options too; those without a counterpart say so and stop.
+    """
+    from merge_harness.merge.config import load_merge_config
+    from merge_harness.merge.engine import DEFAULT_SHARD_BYTES, merge_to_disk
+    from merge_harness.merge.plan import build_plan
+
+    for arg in ctx.args:
+        option = arg.split("=", 1)[0]
+        if option in MERGEKIT_UNSUPPORTED:
+            raise ConfigError(f"{option}: not supported by merge-harness ({MERGEKIT_UNSUPPORTED[option]})")
+        if option not in MERGEKIT_NO_EFFECT:
+            raise ConfigError(f"no such option: {arg} (see merge-harness merge --help)")
+        err_console.print(f"[yellow]note:[/] {option}: accepted, no effect ({MERGEKIT_NO_EFFECT[option]})")
+    if max_shard_size and out_shard_size:
+        raise ConfigError("--max-shard-size and --out-shard-size both set the shard size: give one")
+    shard_bytes = (parse_kmb(out_shard_size, "--out-shard-size") if out_shard_size
+                   else parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES)
     merge_config = load_merge_config(config)
-    updates = {k: v for k, v in {"device": device, "out_dtype": dtype}.items() if v}
+    if cuda and device not in (None, "cuda") and not device.startswith("cuda"):
+        raise ConfigError(f"--cuda and --device {device} disagree: give one")
+    overrides = {"device": device or ("cuda" if cuda else None), "out_dtype": dtype, "seed": random_seed}
+    updates = {k: v for k, v in overrides.items() if v is not None}
     if updates:
         merge_config = merge_config.model_validate({**merge_config.model_dump(by_alias=True), **updates})
+    for note in build_plan(merge_config, allow_crimes=allow_crimes).notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     outcome = merge_to_disk(
-        merge_config, out, force=force, max_shard_bytes=parse_size(max_shard_size), show_progress=not quiet
+        merge_config, out, force=force, max_shard_bytes=shard_bytes, show_progress=not quiet,
+        copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, allow_crimes=allow_crimes,
     )
     console.print(
         f"merged {outcome.tensors} tensors with [bold]{merge_config.method}[/] in "

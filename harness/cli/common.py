@@ -76,6 +76,14 @@ def parse_size(text: str) -> int:
     return int(number * base ** " KMGT".index(unit or " "))
 
 
+def parse_kmb(text: str, option: str) -> int:
+    """mergekit's size units: a byte count with K, M or B for 1e3, 1e6, 1e9 ('5B' = 5e9 bytes)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMB]?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"{option}: cannot parse size {text!r} (mergekit's units: 500M, 5B)")
+    return int(match.group(1)) * 1000 ** " KMB".index(match.group(2).upper() or " ")
+
+
 def default_store_path() -> str:
     from merge_harness.store.database import DEFAULT_STORE_PATH
 

@@ -323,8 +323,15 @@ class ShardedWriter:
         self._handle = (self.tmp_dir / self.names[index]).open("wb")
         self._handle.write(_header_bytes(self.shards[index]))
 
-    def commit(self, sidecar_source: Path | None, config: dict | None) -> Path:
-        """Finish the shards, add index/config/tokenizer files, and move into place."""
+    def commit(
+        self,
+        sidecar_source: Path | None,
+        config: dict | None,
+        extra_files: dict[str, str] | None = None,
+        copy_tokenizer: bool = True,
+    ) -> Path:
+        """Finish the shards, add index/config/tokenizer files (and `extra_files`, name -> text,
+        written last), and move into place."""
         if self._handle:
             self._handle.close()
         leftover = next(self._order, None)
@@ -333,9 +340,11 @@ class ShardedWriter:
         if len(self.shards) > 1:
             self._write_index()
         if sidecar_source is not None:
-            copy_sidecars(sidecar_source, self.tmp_dir)
+            copy_sidecars(sidecar_source, self.tmp_dir, tokenizer=copy_tokenizer)
         if config is not None:
             (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (self.tmp_dir / name).write_text(text)
         (self.tmp_dir / LOCK_FILE).unlink()  # the fd keeps the lock until the rename is done
         replace_dir(self.tmp_dir, self.out_dir)
         release(self._lock_fd)
@@ -387,9 +396,13 @@ def check_not_an_input(out_dir: Path, inputs: dict[str, Path]) -> None:
         )
 
 
-def copy_sidecars(source: Path, dest: Path) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def copy_sidecars(source: Path, dest: Path, tokenizer: bool = True) -> None:
     for name in SIDECAR_FILES:
-        if (source / name).exists():
+        if (source / name).exists() and (tokenizer or name not in TOKENIZER_FILES):
             shutil.copy2(source / name, dest / name)
 
 

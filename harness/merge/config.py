@@ -78,6 +78,65 @@ class ModelEntry(BaseModel):
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 
 
+class SliceSource(BaseModel):
+    """One model's layers `[start, end)` feeding an output slice (mergekit's input slice)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SliceSource:
+        start, end = self.layer_range
+        if not 0 <= start < end:
+            raise ValueError(
+                f"layer_range must be [start, end) with 0 <= start < end, got {list(self.layer_range)}"
+            )
+        return self
+
+
+class OutputSlice(BaseModel):
+    """Consecutive output layers, each merged from the same offset of every source's range.
+
+    Parameters resolve source, then slice, then merge-wide (mergekit's precedence).
+    `residual_weight` is accepted (mergekit's schema has it) but mergekit ignores it, so do we,
+    and the plan says so.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    residual_weight: float | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> OutputSlice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"every source of a slice must span the same number of layers, got {sorted(lengths)}"
+            )
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
+
+
+class TokenizerSettings(BaseModel):
+    """mergekit's `tokenizer:` block: where the output tokenizer comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field("union", description="union | base | a model (its tokenizer is copied)")
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
 class CalibrationSettings(BaseModel):
     """How calibration examples become token batches (model-level methods: slta, regmean, fisher).
 
@@ -108,11 +167,14 @@ class MergeConfig(BaseModel):
 
     method: str = Field(alias="merge_method")
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[OutputSlice] | None = None
     parameters: dict[str, Setting] = Field(default_factory=dict)
     dtype: DType | None = None
     out_dtype: DType | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union | base | a model directory or HF id
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None  # a Jinja template, or "auto" (the inputs' most common one)
     seed: int = 0
     device: str = "cpu"
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
@@ -124,11 +186,9 @@ class MergeConfig(BaseModel):
     def _accept_mergekit(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        unsupported = sorted({"slices", "modules", "tokenizer", "chat_template"} & set(data))
-        if unsupported:
-            raise ValueError(
-                f"mergekit keys {unsupported} are not supported; list whole models under `models:`"
-            )
+        if "modules" in data:
+            raise ValueError("mergekit's `modules:` (per-module merges of multimodal models) is not "
+                             "supported; use `models:` or `slices:`")
         if "method" in data and "merge_method" not in data:
             data = {**data, "merge_method": data["method"]}
             del data["method"]
@@ -136,9 +196,30 @@ class MergeConfig(BaseModel):
             data = {**data, "mergekit_compat": data.get("mergekit_compat", True)}
         return data
 
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give the inputs as `models:` or as `slices:` (one of them, not both)")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give `tokenizer_source:` or `tokenizer: {source: ...}`, not both")
+        return self
+
     @property
     def output_dtype(self) -> str | None:
         return self.out_dtype or self.dtype
+
+    @property
+    def tokenizer_choice(self) -> str | None:
+        """union | base | a model reference | None (the base's, else the first model's)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    def referenced_models(self) -> list[str]:
+        """Every model the merge reads, base first, each once, in config order."""
+        refs = [self.base_model] if self.base_model else []
+        refs += [entry.model for entry in self.models]
+        refs += [s.model for piece in self.slices or () for s in piece.sources]
+        refs += [piece.base_model for piece in self.slices or () if piece.base_model]
+        return list(dict.fromkeys(refs))
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:
@@ -152,8 +233,16 @@ def calibration_relative_to(source: CalibrationSource | None, root: Path) -> Cal
     return source.model_copy(update={"source": relative_to(source.source, root)})
 
 
+TOKENIZER_KEYWORDS = ("union", "base")
+
+
 def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
-    """Model and data paths in a config file are relative to that file, like mergekit's."""
+    """Model and data paths in a config file are relative to that file, like mergekit's
+    (`union` and `base` as a tokenizer source are keywords, never paths)."""
+
+    def model_path(ref: str | None) -> str | None:
+        return ref if ref in TOKENIZER_KEYWORDS else relative_to(ref, root)
+
     models = [
         entry.model_copy(
             update={
@@ -163,10 +252,22 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
         )
         for entry in config.models
     ]
+    slices = [
+        piece.model_copy(update={
+            "base_model": relative_to(piece.base_model, root),
+            "sources": [s.model_copy(update={"model": relative_to(s.model, root)}) for s in piece.sources],
+        })
+        for piece in config.slices or ()
+    ]
+    tokenizer = config.tokenizer
+    if tokenizer is not None:
+        tokenizer = tokenizer.model_copy(update={"source": model_path(tokenizer.source)})
     return config.model_copy(
         update={
             "base_model": relative_to(config.base_model, root),
             "models": models,
-            "tokenizer_source": relative_to(config.tokenizer_source, root),
+            "slices": slices or None,
+            "tokenizer_source": model_path(config.tokenizer_source),
+            "tokenizer": tokenizer,
         }
     )

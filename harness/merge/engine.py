@@ -25,7 +25,8 @@ from merge_harness.io.checkpoint import ShardedWriter, check_not_an_input, check
 from merge_harness.io.models import build_model
 from merge_harness.merge.config import MergeConfig
 from merge_harness.merge.outcome import MergeOutcome
-from merge_harness.merge.plan import MergePlan, TensorTask, build_plan
+from merge_harness.merge.output_files import chat_template_files, config_file, model_card
+from merge_harness.merge.plan import MergePlan, TensorSource, TensorTask, build_plan
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -49,11 +50,11 @@ class TensorInputs:
 
 def read_inputs(plan: MergePlan, task: TensorTask, device: str = "cpu") -> TensorInputs:
     """Read one output tensor's inputs, NaN/inf-checked and on `device`."""
-    name = task.info.name
     if task.params is None:  # integer buffers and the like pass through unchanged
-        return TensorInputs(None, [], (plan.base or plan.models[0]).read(name))
-    base = _read_checked(plan.base, name, device) if plan.base else None
-    return TensorInputs(base, [_read_checked(model, name, device) for model in plan.models])
+        source = task.base or task.sources[0]
+        return TensorInputs(None, [], source.checkpoint.read(source.name))
+    base = _read_checked(task.base, device) if task.base else None
+    return TensorInputs(base, [_read_checked(source, device) for source in task.sources])
 
 
 def merge_inputs(plan: MergePlan, task: TensorTask, inputs: TensorInputs) -> torch.Tensor:
@@ -79,16 +80,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _read_checked(checkpoint, name: str, device: str) -> torch.Tensor:
-    tensor = checkpoint.read(name).to(device)
+def _read_checked(source: TensorSource, device: str) -> torch.Tensor:
+    tensor = source.checkpoint.read(source.name).to(device)
     if not all_finite(tensor):
-        raise CheckpointError(f"{checkpoint.tensors[name].file}: tensor {name!r} contains NaN or inf")
+        raise CheckpointError(f"{source.file}: tensor {source.name!r} contains NaN or inf")
     return tensor
 
 
 def input_bytes(plan: MergePlan, task: TensorTask) -> int:
-    """Bytes `read_inputs` holds for `task`: one tensor per input checkpoint."""
-    return task.info.nbytes * (len(plan.models) + (plan.base is not None))
+    """Bytes `read_inputs` holds for `task`: one tensor per input."""
+    return task.info.nbytes * (len(task.sources) + (task.base is not None))
 
 
 def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -144,12 +145,22 @@ def merge_to_disk(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     show_progress: bool = True,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    allow_crimes: bool = False,
 ) -> MergeOutcome:
-    """Merge into a HF model directory; nothing is left at `out_dir` unless the merge finished."""
+    """Merge into a HF model directory; nothing is left at `out_dir` unless the merge finished.
+
+    Next to the weights: config.json, the tokenizer (unless `copy_tokenizer` is off), the merge
+    config and a model card (`merge_harness.merge.output_files`; the card unless
+    `write_model_card` is off). `allow_crimes`: merge models of different architectures whose
+    tensors still match by name and shape (mergekit's option).
+    """
     start = time.perf_counter()
-    plan = build_plan(config)
+    plan = build_plan(config, allow_crimes=allow_crimes)
     check_not_an_input(Path(out_dir), plan.inputs())
     check_output_dir(Path(out_dir), force)  # before calibration, which may take minutes
+    extra_files = _files_beside_weights(plan, Path(out_dir).name, write_model_card)
     calibrated = None if plan.method.streaming else _calibrated(plan, show_progress)
     writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
     try:
@@ -159,7 +170,7 @@ def merge_to_disk(
         else:
             for task in plan.tasks:
                 writer.write(task.info.name, calibrated.state.pop(task.info.name))
-        writer.commit(plan.sidecar_source, plan.out_config)
+        writer.commit(plan.sidecar_source, plan.out_config, extra_files, copy_tokenizer)
     except BaseException:
         writer.abort()
         raise
@@ -169,6 +180,14 @@ def merge_to_disk(
         outcome.forward_passes = calibrated.forward_passes
         _write_coefficients(plan, outcome, Path(out_dir))
     return outcome
+
+
+def _files_beside_weights(plan: MergePlan, name: str, write_model_card: bool) -> dict[str, str]:
+    config_name, config_yaml = config_file(plan.config)
+    files = {config_name: config_yaml}
+    if write_model_card:
+        files["README.md"] = model_card(plan.config, config_yaml, name)
+    return {**files, **chat_template_files(plan.config, plan.sidecar_source)}
 
 
 def merge_state_dict(

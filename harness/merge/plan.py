@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,27 @@ DTYPES = {
 
 
 @dataclass(frozen=True)
+class TensorSource:
+    """One input of an output tensor: a checkpoint and the tensor's name in it (with slices, an
+    output layer reads another layer index of each source)."""
+
+    checkpoint: Checkpoint
+    name: str
+
+    @property
+    def file(self) -> Path:
+        return self.checkpoint.tensors[self.name].file
+
+
+@dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: its layout and the parameters resolved for its name."""
+    """One output tensor: its layout, its inputs and the parameters resolved for its name."""
 
     info: TensorInfo  # output name, shape, dtype
     params: Params | None  # None: passed through from the base (non-float tensors)
     model_params: tuple[Params, ...]
+    base: TensorSource | None  # theta_0, for methods that use a base
+    sources: tuple[TensorSource, ...]  # the other inputs, in the order of `model_params`
 
 
 @dataclass
@@ -49,10 +64,11 @@ class MergePlan:
     config: MergeConfig
     method: MergeMethod
     base: Checkpoint | None
-    models: list[Checkpoint]  # the inputs passed as `tensors` to the method, in config order
+    models: list[Checkpoint]  # the other inputs (with `models:`, passed as `tensors` in config order)
     tasks: list[TensorTask]
     out_config: dict[str, Any]
     sidecar_source: Path
+    notes: list[str] = field(default_factory=list)  # config keys accepted but without effect
 
     @property
     def output_bytes(self) -> int:
@@ -70,29 +86,223 @@ class MergePlan:
             checkpoint.close()
 
 
-def build_plan(config: MergeConfig) -> MergePlan:
+def build_plan(config: MergeConfig, allow_crimes: bool = False) -> MergePlan:
+    """`allow_crimes`: models of different architectures may merge where names and shapes match."""
     method = get_method(config.method)
+    opened: dict[str, Checkpoint] = {}
+
+    def open_model(ref: str) -> Checkpoint:
+        if ref not in opened:
+            opened[ref] = Checkpoint.open(resolve_model(ref))
+        return opened[ref]
+
+    if config.slices:
+        return _build_sliced_plan(config, method, open_model)
     base, entries = _split_inputs(config, method)
-    models = [Checkpoint.open(resolve_model(entry.model)) for entry in entries]
-    if base is not None:
-        base = Checkpoint.open(resolve_model(base))
+    models = [open_model(entry.model) for entry in entries]
+    base = open_model(base) if base is not None else None
     reference = base or models[0]
-    check_compatible(reference, models)
+    check_compatible(reference, models, allow_crimes)
     out_dtype = _output_dtype(config, reference)
     num_layers = int(reference.config.get("num_hidden_layers", 0) or 0)
-    resolver = ParamResolver(config, method, [entry.parameters for entry in entries])
+    resolver = ParamResolver(config, method)
+    chains = [[entry.parameters, config.parameters] for entry in entries]
     tasks = []
     for name, info in reference.tensors.items():
+        sources = tuple(TensorSource(model, name) for model in models)
+        base_source = TensorSource(base, name) if base is not None else None
         if not info.dtype.is_floating_point:
-            tasks.append(TensorTask(info, None, ()))
+            tasks.append(TensorTask(info, None, (), base_source, sources))
             continue
-        params, model_params = resolver.resolve(name, gradient_position(name, num_layers))
-        tasks.append(TensorTask(TensorInfo(name, info.shape, out_dtype, info.file), params, model_params))
+        position = gradient_position(name, num_layers)
+        params, model_params = resolver.resolve(name, position, [config.parameters],
+                                                [(name, chain) for chain in chains])
+        out = TensorInfo(name, info.shape, out_dtype, info.file)
+        tasks.append(TensorTask(out, params, model_params, base_source, sources))
+    out_config = _output_config(reference, out_dtype)
+    return MergePlan(config, method, base, models, tasks, out_config, _sidecars(config, reference),
+                     _ignored_keys(config, method))
+
+
+def _output_config(reference: Checkpoint, out_dtype: torch.dtype, num_layers: int | None = None) -> dict:
     out_config = dict(reference.config)
     out_config.pop("quantization_config", None)
     out_config["torch_dtype"] = out_config["dtype"] = str(out_dtype).removeprefix("torch.")
-    sidecars = Path(resolve_model(config.tokenizer_source)) if config.tokenizer_source else reference.path
-    return MergePlan(config, method, base, models, tasks, out_config, sidecars)
+    if num_layers is not None:
+        out_config["num_hidden_layers"] = num_layers
+    return out_config
+
+
+def _sidecars(config: MergeConfig, reference: Checkpoint) -> Path:
+    """Where the tokenizer (and other non-weight files) come from: a model named as the source,
+    else the reference model (the base). `union` of identical vocabularies is that vocabulary;
+    a union of different ones, and mergekit's `tokens:` / `pad_to_multiple_of` (embedding
+    surgery), are refused rather than approximated."""
+    choice = config.tokenizer_choice
+    if config.tokenizer is not None and (config.tokenizer.tokens or config.tokenizer.pad_to_multiple_of):
+        raise ConfigError("tokenizer: `tokens` and `pad_to_multiple_of` (rebuilding embeddings for a new "
+                          "vocabulary) are not supported; give tokenizer source base, union or a model")
+    if choice == "union":
+        check_same_vocabulary([Path(resolve_model(ref)) for ref in config.referenced_models()])
+    if choice in (None, "base", "union"):
+        return reference.path
+    return Path(resolve_model(choice))
+
+
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def check_same_vocabulary(model_dirs: list[Path]) -> None:
+    """`tokenizer_source: union` is supported where the union is trivial: every model has the
+    same tokenizer files (or none). Else a ConfigError naming the first two that differ."""
+    def vocabulary(path: Path) -> dict[str, bytes]:
+        return {name: (path / name).read_bytes() for name in VOCABULARY_FILES if (path / name).exists()}
+
+    first = vocabulary(model_dirs[0])
+    for path in model_dirs[1:]:
+        if vocabulary(path) != first:
+            raise ConfigError(
+                f"tokenizer_source: union: {path} and {model_dirs[0]} have different tokenizers; "
+                "merging vocabularies (and their embeddings) is not supported: use base or a model"
+            )
+
+
+def _ignored_keys(config: MergeConfig, method: MergeMethod) -> list[str]:
+    """mergekit keys that parse but change nothing here: said, never silently dropped."""
+    notes = []
+    if any(piece.residual_weight is not None for piece in config.slices or ()):
+        notes.append("slices[].residual_weight: ignored (mergekit ignores it too)")
+    if "int8_mask" in config.parameters and "int8_mask" in method.params.model_fields:
+        notes.append("parameters.int8_mask: no effect (masks are boolean tensors; merging is in float32)")
+    return notes
+
+
+def _build_sliced_plan(config: MergeConfig, method: MergeMethod, open_model) -> MergePlan:
+    """mergekit's `slices:`: output layers are laid end to end, slice after slice; an output
+    layer at offset i of a slice merges layer `start + i` of each of the slice's sources.
+
+    Non-layer tensors: those named like an embedding come from the first slice's sources,
+    the rest (final norm, lm_head) from the last slice's, as mergekit's pre/post weights.
+    Gradient parameters run over each slice's own layers (0 at its first, 1 at its last).
+    """
+    if not method.streaming:
+        raise ConfigError(f"slices: method {method.name!r} merges whole models with calibration data; "
+                          "list them under `models:`")
+    groups = [_slice_inputs(config, method, index) for index in range(len(config.slices))]
+    reference = open_model(config.base_model or config.slices[0].sources[0].model)
+    out_dtype = _output_dtype(config, reference)
+    resolver = ParamResolver(config, method)
+    tasks: list[TensorTask] = []
+    first, last = groups[0], groups[-1]
+    non_layer = [name for name in reference.tensors if LAYER_INDEX.search(name) is None]
+    pre = [name for name in non_layer if "embed" in name]
+    post = [name for name in non_layer if "embed" not in name]
+    for name in pre:
+        tasks.append(_slice_task(config, resolver, first, open_model, name, name, 0.0, out_dtype))
+    output_layer = 0
+    for group in groups:
+        count = group.piece.num_layers
+        for offset in range(count):
+            position = offset / (count - 1) if count > 1 else 1.0
+            for in_name, out_name in _layer_names(group, open_model, offset, output_layer):
+                tasks.append(_slice_task(config, resolver, group, open_model, in_name, out_name, position,
+                                         out_dtype, offset))
+            output_layer += 1
+    for name in post:
+        tasks.append(_slice_task(config, resolver, last, open_model, name, name, 0.0, out_dtype))
+    base = open_model(config.base_model) if config.base_model else None
+    others = [c for ref, c in _opened_models(groups, open_model) if base is None or c is not base]
+    out_config = _output_config(reference, out_dtype, output_layer)
+    return MergePlan(config, method, base, others, tasks, out_config, _sidecars(config, reference),
+                     _ignored_keys(config, method))
+
+
+@dataclass(frozen=True)
+class SliceInputs:
+    """One output slice, split as the method uses a base: `base` (or None) and the others."""
+
+    index: int
+    piece: Any  # the config's OutputSlice
+    base: Any  # its SliceSource used as theta_0, or None
+    entries: list  # the other SliceSources, in config order
+
+
+def _slice_inputs(config: MergeConfig, method: MergeMethod, index: int) -> SliceInputs:
+    piece = config.slices[index]
+    where = f"slices[{index}]"
+    base_ref = piece.base_model or config.base_model
+    sources = list(piece.sources)
+    base = None
+    if method.base_role != "unused" and base_ref is not None:
+        base = next((s for s in sources if s.model == base_ref), None)
+        if base is None and method.base_role == "required":
+            raise ConfigError(f"{where}.sources: the base model {base_ref} is not one of the slice's sources "
+                              f"(method {method.name!r} merges each slice's layers against the base's)")
+        sources = [s for s in sources if s is not base]
+    elif method.base_role == "required":
+        raise ConfigError(f"base_model: method {method.name!r} needs a base model")
+    _check_count(method, len(sources), f"{where}.sources")
+    return SliceInputs(index, piece, base, sources)
+
+
+def _opened_models(groups: list[SliceInputs], open_model) -> list[tuple[str, Checkpoint]]:
+    refs = dict.fromkeys(s.model for g in groups for s in ([g.base] if g.base else []) + g.entries)
+    return [(ref, open_model(ref)) for ref in refs]
+
+
+def _layer_names(group: SliceInputs, open_model, offset: int, output_layer: int) -> list[tuple[str, str]]:
+    """(input name in the slice's first source, output name) of every tensor of one layer."""
+    first = (group.base or group.entries[0])
+    index = first.layer_range[0] + offset
+    checkpoint = open_model(first.model)
+    pattern = re.compile(rf"(^|\.)layers\.{index}\.")
+    names = [(n, pattern.sub(rf"\g<1>layers.{output_layer}.", n, count=1))
+             for n in checkpoint.tensors if pattern.search(n)]
+    if not names:
+        layers = int(checkpoint.config.get("num_hidden_layers", 0) or 0)
+        raise ConfigError(f"slices[{group.index}].sources: {first.model} has no layer {index} "
+                          f"(it has {layers}; layer_range is [start, end) from 0)")
+    return names
+
+
+def _source_name(source, in_name: str, first_start: int, offset: int | None) -> str:
+    """The tensor of `source` that feeds `in_name` of the slice's first source."""
+    if offset is None:
+        return in_name
+    first_index = first_start + offset
+    return re.sub(rf"(^|\.)layers\.{first_index}\.", rf"\g<1>layers.{source.layer_range[0] + offset}.",
+                  in_name, count=1)
+
+
+def _slice_task(config, resolver, group: SliceInputs, open_model, in_name: str, out_name: str,
+                position: float, out_dtype: torch.dtype, offset: int | None = None) -> TensorTask:
+    first = group.base or group.entries[0]
+    start = first.layer_range[0]
+
+    def source_of(entry) -> TensorSource:
+        checkpoint = open_model(entry.model)
+        name = _source_name(entry, in_name, start, offset)
+        if name not in checkpoint.tensors:
+            raise CheckpointError(f"{checkpoint.path}: tensor {name!r} is missing "
+                                  f"(needed for {out_name!r} by slices[{group.index}])")
+        return TensorSource(checkpoint, name)
+
+    base = source_of(group.base) if group.base is not None else None
+    sources = tuple(source_of(entry) for entry in group.entries)
+    info = (base or sources[0]).checkpoint.tensors[(base or sources[0]).name]
+    for source in (*([base] if base else []), *sources):
+        shape = source.checkpoint.tensors[source.name].shape
+        if shape != info.shape:
+            raise CheckpointError(f"{source.file}: tensor {source.name!r} has shape {list(shape)}, "
+                                  f"but {info.file} has {list(info.shape)} (slices[{group.index}])")
+    if not info.dtype.is_floating_point:
+        return TensorTask(TensorInfo(out_name, info.shape, info.dtype, info.file), None, (), base, sources)
+    chains = [(source.name, [entry.parameters, group.piece.parameters, config.parameters])
+              for entry, source in zip(group.entries, sources)]
+    params, model_params = resolver.resolve(out_name, position, [group.piece.parameters, config.parameters],
+                                            chains)
+    out = TensorInfo(out_name, info.shape, out_dtype, info.file)
+    return TensorTask(out, params, model_params, base, sources)
 
 
 # Tensor names that exercise the usual parameter filters (attention, MLP, norms, embeddings).
@@ -113,11 +323,20 @@ def validate_config(config: MergeConfig) -> MergeMethod:
     7B models, say) can still be validated.
     """
     method = get_method(config.method)
-    _, entries = _split_inputs(config, method)
-    resolver = ParamResolver(config, method, [entry.parameters for entry in entries])
-    for name in PROBE_TENSORS:
-        for position in (0.0, 1.0):
-            resolver.resolve(name, position)
+    resolver = ParamResolver(config, method)
+    if config.slices:
+        groups = [_slice_inputs(config, method, index) for index in range(len(config.slices))]
+        shared_chains = [[g.piece.parameters, config.parameters] for g in groups]
+        model_chains = [[[e.parameters, g.piece.parameters, config.parameters] for e in g.entries]
+                        for g in groups]
+    else:
+        _, entries = _split_inputs(config, method)
+        shared_chains = [[config.parameters]]
+        model_chains = [[[entry.parameters, config.parameters] for entry in entries]]
+    for shared, chains in zip(shared_chains, model_chains):
+        for name in PROBE_TENSORS:
+            for position in (0.0, 1.0):
+                resolver.resolve(name, position, shared, [(name, chain) for chain in chains])
     return method
 
 
@@ -131,7 +350,11 @@ def _split_inputs(config: MergeConfig, method: MergeMethod):
         if base is None and method.base_role == "required":
             raise ConfigError(f"base_model: method {method.name!r} needs a base model")
         entries = [e for e in entries if e.model != base]
-    count = len(entries)
+    _check_count(method, len(entries), "models")
+    return base, entries
+
+
+def _check_count(method: MergeMethod, count: int, where: str) -> None:
     if count < method.min_models or (method.max_models is not None and count > method.max_models):
         wanted = f"{method.min_models}" + (
             ""
@@ -140,17 +363,17 @@ def _split_inputs(config: MergeConfig, method: MergeMethod):
             if method.max_models
             else " or more"
         )
-        raise ConfigError(f"models: method {method.name!r} takes {wanted} non-base models, got {count}")
-    return base, entries
+        raise ConfigError(f"{where}: method {method.name!r} takes {wanted} non-base models, got {count}")
 
 
-def check_compatible(reference: Checkpoint, models: list[Checkpoint]) -> None:
-    """Same architecture, same tensor names, same shapes: else name the file and tensor at fault."""
+def check_compatible(reference: Checkpoint, models: list[Checkpoint], allow_crimes: bool = False) -> None:
+    """Same architecture (unless `allow_crimes`), same tensor names, same shapes: else name the
+    file and tensor at fault."""
     for model in models:
-        if model.architecture != reference.architecture:
+        if model.architecture != reference.architecture and not allow_crimes:
             raise CheckpointError(
                 f"{model.path}: architecture {model.architecture} differs from "
-                f"{reference.architecture} of {reference.path}"
+                f"{reference.architecture} of {reference.path} (--allow-crimes merges them anyway)"
             )
         missing = sorted(set(reference.tensors) - set(model.tensors))
         extra = sorted(set(model.tensors) - set(reference.tensors))
@@ -211,37 +434,50 @@ def evaluate_setting(setting: Setting, name: str, position: float) -> Any:
 
 
 class ParamResolver:
-    """Resolves and validates the method's parameter models for each tensor name."""
+    """Resolves and validates the method's parameter models for each tensor, with mergekit's
+    precedence: each parameter takes its value from the first settings in a chain (a model's
+    own, then its slice's, then the merge's) that give one for this tensor, so a filter that
+    does not match falls through to the next level. Per-model parameters may be given at the
+    slice or merge level once for all models; method parameters only there.
+    """
 
-    def __init__(self, config: MergeConfig, method: MergeMethod, per_model: list[dict[str, Setting]]):
+    def __init__(self, config: MergeConfig, method: MergeMethod):
         self.method = method
-        self.shared = dict(config.parameters)
-        self.per_model = per_model
-        model_fields = set(method.model_params.model_fields)
-        for alias in _aliases(method.model_params):
-            model_fields.add(alias)
-        # mergekit lets a per-model parameter be given once for all models at the top level.
-        self.shared_for_models = {k: v for k, v in self.shared.items() if k in model_fields}
-        for key in self.shared_for_models:
-            self.shared.pop(key)
+        self.model_fields = set(method.model_params.model_fields) | set(_aliases(method.model_params))
+        self.defaults: dict[str, Any] = {}
         if config.mergekit_compat and "rescale_norm" in method.params.model_fields:
-            self.shared.setdefault("rescale_norm", "l1")
+            self.defaults["rescale_norm"] = "l1"
         self._validate = lru_cache(maxsize=4096)(self._validate_uncached)
 
-    def resolve(self, name: str, position: float) -> tuple[Params, tuple[Params, ...]]:
-        shared = self._values(self.shared, name, position)
-        params = self._validate(self.method.params, shared, None, name)
+    def resolve(
+        self,
+        name: str,
+        position: float,
+        shared: list[dict[str, Setting]],
+        per_model: list[tuple[str, list[dict[str, Setting]]]],
+    ) -> tuple[Params, tuple[Params, ...]]:
+        """`shared`: the chain for method parameters; `per_model`: (input tensor name, chain) per
+        model, whose first element is the model's own settings (every key of it applies)."""
+        values = {**self.defaults, **self._first_values(shared, name, position, own=False)}
+        params = self._validate(self.method.params, tuple(sorted(values.items())), None, name)
         model_params = []
-        for index, settings in enumerate(self.per_model):
-            merged = {**self.shared_for_models, **settings}
-            values = self._values(merged, name, position)
+        for index, (input_name, chain) in enumerate(per_model):
+            own = self._first_values(chain, input_name, position, own=True)
+            values = tuple(sorted(own.items()))
             model_params.append(self._validate(self.method.model_params, values, index, name))
         return params, tuple(model_params)
 
-    @staticmethod
-    def _values(settings: dict[str, Setting], name: str, position: float) -> tuple:
-        values = ((k, evaluate_setting(v, name, position)) for k, v in settings.items())
-        return tuple(sorted((k, v) for k, v in values if v is not None))
+    def _first_values(self, chain: list[dict[str, Setting]], name: str, position: float, own: bool) -> dict:
+        found: dict[str, Any] = {}
+        for level, settings in enumerate(chain):
+            for key, setting in settings.items():
+                is_model_key = key in self.model_fields
+                applies = (own and (level == 0 or is_model_key)) or (not own and not is_model_key)
+                if applies and key not in found:
+                    value = evaluate_setting(setting, name, position)
+                    if value is not None:
+                        found[key] = value
+        return found
 
     def _validate_uncached(self, model: type[Params], values: tuple, scope: int | None, name: str) -> Params:
         for key, value in values:
