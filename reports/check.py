@@ -164,8 +164,19 @@ def _verdict(row: Mapping[str, Any], now: pd.Series | None, tolerance: Tolerance
     return Verdict(label, task, metric, status, row["value"], float(now["value"]), diff, allowed)
 
 
-def check(frame: pd.DataFrame, golden: Mapping[str, Any], tolerance: Tolerance = Tolerance()) -> CheckResult:
-    """Verdicts for every golden row (and every measured row the golden file lacks)."""
+def is_primary(task: str, metric: str) -> bool:
+    """Whether `metric` is the primary metric `task` declares (`merge_harness.tasks`)."""
+    return m.primary_metric(task, [metric]) == metric
+
+
+def check(frame: pd.DataFrame, golden: Mapping[str, Any], tolerance: Tolerance = Tolerance(),
+          primary_only: bool = False) -> CheckResult:
+    """Verdicts for every golden row (and every measured row the golden file lacks); with
+    `primary_only`, for each task's primary metric only (the number every table reports)."""
+    if primary_only:
+        golden = {**golden, "results": [r for r in golden["results"] if is_primary(r["task"], r["metric"])]}
+        if not frame.empty:
+            frame = frame[[is_primary(t, mt) for t, mt in zip(frame["task"], frame["metric"])]]
     experiment = golden["experiment"]
     present = sorted(frame["experiment"].unique()) if not frame.empty else []
     if present and present != [experiment]:
@@ -203,7 +214,8 @@ def summary_markdown(result: CheckResult, golden_name: str = "the golden file") 
 
     def line(v: Verdict) -> str:
         status = f"**{v.status}**" if v.status in FAILING else v.status
-        return (f"| {status} | {v.label} | {v.task} | `{v.metric}` | {_fmt(v.golden)} | "
+        metric = f"`{v.metric}`" + (" (primary)" if is_primary(v.task, v.metric) else "")
+        return (f"| {status} | {v.label} | {v.task} | {metric} | {_fmt(v.golden)} | "
                 f"{_fmt(v.measured)} | {_fmt(v.diff_points, '+.3f')} | {_fmt(v.allowed_points, '.3f')} |")
 
     if result.failed:

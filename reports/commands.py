@@ -2,7 +2,8 @@
 
     merge-harness report [--experiment NAME] [--format md|latex|csv|json|html|all] [--out DIR]
                          [--paper NAME] [--normalized] [--delta]
-        -> write_report(...) / render_paper(...)
+        -> write_report(...) / render_paper(...)   (latex: <experiment>.tex to \\input, and
+           <experiment>.standalone.tex, a whole document for pdflatex)
     merge-harness check --golden FILE [--update] [--tolerance X] [--tolerance-stderr K]
                         [--junit FILE] [--summary FILE]
         -> run_check(...)
@@ -13,6 +14,8 @@ and the experiments it holds.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +36,8 @@ from merge_harness.store.database import ResultStore
 FORMATS = ("md", "latex", "csv", "json", "html")
 RENDERERS = {"md": (render_markdown, "md"), "latex": (render_latex, "tex"),
              "csv": (render_csv, "csv"), "json": (render_json, "json")}
+# Written next to a format's file: the LaTeX tables as a whole document that compiles on its own.
+COMPANIONS = {"latex": (functools.partial(render_latex, standalone=True), "standalone.tex")}
 LEADERBOARD = "leaderboard.html"
 
 
@@ -52,11 +57,23 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
 
-def _figures(store: ResultStore, table: ComparisonTable,
+def _with_normalized(store: ResultStore, table: ComparisonTable, options: TableOptions) -> ComparisonTable:
+    """`table`, with the normalized block the score heatmap is coloured by when the experiment
+    maps its fine-tunes to the tasks (else `table` as it is: the heatmap is coloured by points)."""
+    if table.block("normalized") is not None:
+        return table
+    try:
+        return comparison_table(store, table.experiment, dataclasses.replace(options, normalized=True))
+    except ConfigError:
+        return table
+
+
+def _figures(store: ResultStore, table: ComparisonTable, options: TableOptions,
              out_dir: Path | None) -> tuple[list[tuple[str, str]], list[Path]]:
     """(caption, SVG data URI) per figure of one experiment, and its PNG/SVG files if `out_dir`."""
     results, stem = store.results_frame(table.experiment), _file_stem(table.experiment)
-    figures = [(f"{stem}_scores", f"{table.experiment}: score per task", plots.task_bars(table))]
+    figures = [(f"{stem}_scores", f"{table.experiment}: score per task (colour: % of the fine-tune)",
+                plots.score_heatmap(_with_normalized(store, table, options)))]
     for label, coefficients in source.coefficients_for(store, results).items():
         title = table.rows.at[label, "title"] if label in table.rows.index else label
         figures.append((f"{stem}_coefficients_{_file_stem(title)}",
@@ -65,7 +82,7 @@ def _figures(store: ResultStore, table: ComparisonTable,
     for method, parameter in plots.sweeps(results):
         figures.append((f"{stem}_sweep_{_file_stem(method)}_{_file_stem(parameter)}",
                         f"{table.experiment}: {method} score vs {parameter}",
-                        plots.sweep_plot(results, method, parameter)))
+                        plots.sweep_plot(results, method, parameter, table.columns)))
     written: list[Path] = []
     embedded: list[tuple[str, str]] = []
     for name, caption, fig in figures:
@@ -80,28 +97,34 @@ def _figures(store: ResultStore, table: ComparisonTable,
 
 def write_report(store: ResultStore, experiment: str | None, out_dir: Path,
                  formats: str | Sequence[str] = ("md",), *, normalized: bool = False,
-                 delta: bool = False, with_plots: bool = True) -> list[Path]:
+                 delta: bool = False, with_plots: bool = True, stderr: bool | None = None,
+                 baseline: str | None = None, standalone: bool = True) -> list[Path]:
     """Render `experiment` (or every experiment with results) into `out_dir`; returns the files.
 
-    Per experiment: `<experiment>.md|.tex|.csv|.json`; for all of them one `leaderboard.html`;
+    Per experiment: `<experiment>.md|.tex|.csv|.json` (with `standalone`, the LaTeX also as
+    `<experiment>.standalone.tex`, a document for pdflatex); for all of them one `leaderboard.html`;
     figures (PNG + SVG) under `plots/` when `with_plots` (the leaderboard embeds them anyway).
+    `stderr`: "± se" after scores (default: in the leaderboard only); `baseline`: the row label
+    the paired test and Δ compare with (default: task arithmetic).
     """
     formats = parse_formats(formats)
     out_dir = Path(out_dir)
-    options = TableOptions(normalized=normalized, delta=delta)
-    tables = [comparison_table(store, name, options)
-              for name in source.resolve_experiments(store, experiment)]
+    options = TableOptions(normalized=normalized, delta=delta, stderr=bool(stderr), baseline=baseline)
+    names = source.resolve_experiments(store, experiment)
+    tables = [comparison_table(store, name, options) for name in names]
     written: list[Path] = []
     for table in tables:
         for fmt in formats:
-            if fmt in RENDERERS:
-                render, extension = RENDERERS[fmt]
+            outputs = [RENDERERS[fmt]] if fmt in RENDERERS else []
+            if standalone and fmt in COMPANIONS:
+                outputs.append(COMPANIONS[fmt])
+            for render, extension in outputs:
                 path = out_dir / f"{_file_stem(table.experiment)}.{extension}"
                 written.append(atomic_write_text(path, render(table)))
     figures: list[tuple[str, str]] = []
     if with_plots or "html" in formats:
         for table in tables:
-            embedded, files = _figures(store, table, out_dir if with_plots else None)
+            embedded, files = _figures(store, table, options, out_dir if with_plots else None)
             written += files
             figures += embedded
     if "html" in formats:
@@ -111,7 +134,11 @@ def write_report(store: ResultStore, experiment: str | None, out_dir: Path,
             versions = source.job_versions(store, results["key"].unique())
             details.update({(table.experiment, label): detail
                             for label, detail in job_details(results, versions).items()})
-        page = render_html(tables, details, figures)
+        leaderboard = tables
+        if stderr is None:  # on by default on the leaderboard, where there is room for it
+            leaderboard = [comparison_table(store, name, dataclasses.replace(options, stderr=True))
+                           for name in names]
+        page = render_html(leaderboard, details, figures)
         written.append(atomic_write_text(out_dir / LEADERBOARD, page))
     return written
 
@@ -151,7 +178,8 @@ def _golden_experiment(store: ResultStore, experiment: str | None, golden: Path)
 
 def run_check(store: ResultStore, experiment: str | None, golden: Path,
               tolerance: checking.Tolerance = checking.Tolerance(), *, update: bool = False,
-              junit: Path | None = None, summary: Path | None = None) -> CheckOutcome:
+              junit: Path | None = None, summary: Path | None = None,
+              primary_only: bool = False) -> CheckOutcome:
     """Compare the store's results to `golden` (or record them there with `update`).
 
     `experiment` defaults to the golden file's; naming another one is an error (a golden file
@@ -173,7 +201,7 @@ def run_check(store: ResultStore, experiment: str | None, golden: Path,
                           f"{data['experiment']!r}, not {experiment!r}; use a golden file of "
                           f"{experiment!r} (record one with --update) or drop --experiment")
     source.resolve_experiments(store, data["experiment"])
-    result = checking.check(store.results_frame(data["experiment"]), data, tolerance)
+    result = checking.check(store.results_frame(data["experiment"]), data, tolerance, primary_only)
     outcome = CheckOutcome(result.exit_code, checking.summary_markdown(result, str(golden)),
                            checking.junit_xml(result))
     if junit is not None:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import io
 
-from merge_harness.reports.frame import ComparisonTable
+from merge_harness.reports.frame import BLOCK_SUFFIX, ComparisonTable
 
 
 def render_csv(table: ComparisonTable) -> str:
     frame = table.to_frame().reset_index()
     frame.insert(0, "experiment", table.experiment)
-    suffix = {"score": "", "normalized": " (norm. %)", "delta": " (Δ TA)"}
     frame["best_in"] = [
-        "; ".join(c + suffix[b.name] for b in table.blocks for c in b.values.columns
+        "; ".join(c + BLOCK_SUFFIX[b.name] for b in table.blocks for c in b.values.columns
                   if b.is_best(row, c))
         for row in table.rows.index
     ]

@@ -8,8 +8,12 @@ Optional blocks: *normalized* score = 100 * row / (the fine-tune tuned for that 
 task), and *delta* = row - task arithmetic (its held-out-selected row when there is one).
 Every merge row says how its hyper-parameters were chosen (`merge_harness.selection.grid`): as set, on
 held-out train rows, or "oracle" (a grid's best point on test, an upper bound).
-Bold ("best") = the best merge in each column, compared at the shown precision; the pre-trained
-model and the fine-tunes are references and only compete when there are no merges.
+Bold ("best") = the one best merge in each score column, compared at the shown precision (a tie
+marks none); the pre-trained model and the fine-tunes are references and only compete when there
+are no merges. Cost columns are never bold: their lowest value is marked instead (italic).
+Uncertainty: lm-eval's stderr, in points, as "± se" when `TableOptions.stderr`; with per-sample
+logs, a *paired* block of bootstrap p-values of each merge against the baseline row (task
+arithmetic by default, `merge_harness.reports.significance`), and "*" on scores with p < 0.05.
 
 `build_table` is pure (a results frame in, a `ComparisonTable` out); every renderer reads that.
 """
@@ -27,12 +31,14 @@ import pandas as pd
 
 from merge_harness.core.errors import ConfigError, StoreError
 from merge_harness.reports import metrics as m
+from merge_harness.reports import significance
 from merge_harness.store.database import merge_of
 
 AVERAGE = "Avg."
 MERGE_TIME = "Merge (s)"
 PEAK_RSS = "Peak RSS (MB)"
 COST_COLUMNS = (MERGE_TIME, PEAK_RSS)
+BLOCK_SUFFIX = {"score": "", "normalized": " (norm. %)", "delta": " (Δ TA)", "paired": " (p vs baseline)"}
 GRANULARITY_ORDER = {"model": 0, "layer": 1, "attn_mlp": 2}
 
 
@@ -48,15 +54,27 @@ class TableOptions:
     normalized: bool = False
     delta: bool = False
     costs: bool = True
+    stderr: bool = False  # "± se" after each score (lm-eval's standard error, in points)
+    baseline: str | None = None  # row label the paired test compares with (default: task arithmetic)
     tasks: Sequence[str] | None = None  # subset and order of task columns (default: all, sorted)
     metrics: Mapping[str, str] = field(default_factory=dict)  # task -> metric overrides
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One number as every format shows it; the format decides how to render the marks."""
+
+    text: str  # the number at the block's precision, with "± se" when shown
+    best: bool  # the one best merge of a score column (bold)
+    lowest: bool  # the lowest value of a cost column (italic)
+    mark: str  # "*": significantly different from the baseline (paired test), else ""
 
 
 @dataclass
 class Block:
     """One grid of numbers: index = row ids (table order), columns = column titles."""
 
-    name: str  # "score" | "normalized" | "delta"
+    name: str  # "score" | "normalized" | "delta" | "paired"
     title: str
     values: pd.DataFrame
     decimals: dict[str, int]
@@ -64,12 +82,26 @@ class Block:
     best: dict[str, list[str]] = field(default_factory=dict)
     signed: bool = False
     notes: list[str] = field(default_factory=list)  # how this block was computed
+    stderr: pd.DataFrame | None = None  # same shape as `values`, in the same units
+    show_stderr: bool = False
+    lowest: dict[str, list[str]] = field(default_factory=dict)  # cost columns: the lowest rows
+    marks: dict[tuple[str, str], str] = field(default_factory=dict)  # (row, column) -> "*"
 
     def text(self, row: str, column: str, missing: str = "–") -> str:
         value = self.values.at[row, column]
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return missing
-        return f"{value:{'+' if self.signed else ''}.{self.decimals.get(column, 2)}f}"
+        decimals = self.decimals.get(column, 2)
+        text = f"{value:{'+' if self.signed else ''}.{decimals}f}"
+        if self.show_stderr and self.stderr is not None and column in self.stderr.columns:
+            se = self.stderr.at[row, column]
+            if se is not None and not (isinstance(se, float) and math.isnan(se)):
+                text += f" ± {se:.{decimals}f}"
+        return text
+
+    def cell(self, row: str, column: str, missing: str = "–") -> Cell:
+        return Cell(self.text(row, column, missing), self.is_best(row, column),
+                    row in self.lowest.get(column, ()), self.marks.get((row, column), ""))
 
     def is_best(self, row: str, column: str) -> bool:
         return row in self.best.get(column, ())
@@ -101,9 +133,10 @@ class ComparisonTable:
         meta = self.rows[["kind", "method", "params_text", "chosen"]].rename(
             columns={"params_text": "hyper-parameters", "chosen": "chosen by"})
         parts = [meta]
-        suffix = {"score": "", "normalized": " (norm. %)", "delta": " (Δ TA)"}
         for block in self.blocks:
-            parts.append(block.values.rename(columns=lambda c, b=block: c + suffix[b.name]))
+            parts.append(block.values.rename(columns=lambda c, b=block: c + BLOCK_SUFFIX[b.name]))
+            if block.stderr is not None:
+                parts.append(block.stderr.dropna(axis=1, how="all").rename(columns=lambda c: f"{c} (se)"))
         frame = pd.concat(parts, axis=1)
         frame.index = pd.Index(self.rows["title"], name="model")
         return frame
@@ -228,21 +261,30 @@ def _columns(results: pd.DataFrame, options: TableOptions) -> list[Column]:
 
 
 def _best(block: Block, candidates: Sequence[str]) -> None:
+    """Bold only a best that is not tied at the shown precision; a cost column's lowest value gets
+    its own mark (costs are not scores: the cheapest merge is not the best one)."""
     for column in block.values.columns:
         shown = block.values.loc[list(candidates), column].round(block.decimals.get(column, 2))
         shown = shown.dropna()
         if shown.empty:
             continue
         target = shown.min() if column in block.lower_is_better else shown.max()
-        block.best[column] = [row for row, value in shown.items() if value == target]
+        winners = [row for row, value in shown.items() if value == target]
+        if len(winners) == 1:
+            (block.lowest if column in COST_COLUMNS else block.best)[column] = winners
 
 
 def _score_block(results: pd.DataFrame, columns: list[Column], meta: pd.DataFrame,
                  costs: bool) -> Block:
     values = pd.DataFrame(index=meta.index)
+    stderr = pd.DataFrame(index=meta.index)
     for col in columns:
         picked = results[(results["task"] == col.task) & (results["metric"] == col.metric)]
-        values[col.title] = picked.groupby("label")["value"].first() * m.points_per_unit(col.metric)
+        by_label = picked.groupby("label")
+        values[col.title] = by_label["value"].first() * m.points_per_unit(col.metric)
+        if "stderr" in picked:
+            stderr[col.title] = (pd.to_numeric(by_label["stderr"].first(), errors="coerce")
+                                 * m.points_per_unit(col.metric))
     values[AVERAGE] = values[[c.title for c in columns]].mean(axis=1, skipna=False)
     lower = {c.title for c in columns if not m.higher_is_better(c.metric)}
     decimals = {c: 2 for c in values.columns}
@@ -254,7 +296,8 @@ def _score_block(results: pd.DataFrame, columns: list[Column], meta: pd.DataFram
         if results["peak_rss_mb"].notna().any():
             values[PEAK_RSS] = by_row["peak_rss_mb"].max()
             decimals[PEAK_RSS], lower = 0, lower | {PEAK_RSS}
-    return Block("score", "Score (points)", values.astype(float), decimals, frozenset(lower))
+    return Block("score", "Score (points)", values.astype(float), decimals, frozenset(lower),
+                 stderr=stderr.astype(float))
 
 
 def _same_task(tuned_for: str, task: str) -> bool:
@@ -288,11 +331,18 @@ def _normalized_block(score: Block, columns: list[Column], meta: pd.DataFrame,
                  {c: 1 for c in values.columns}, notes=["Normalized: " + " ".join(notes)])
 
 
-def _delta_block(score: Block, columns: list[Column], meta: pd.DataFrame) -> Block:
+def baseline_row(score: Block, meta: pd.DataFrame, wanted: str | None = None) -> tuple[str, str]:
+    """(row, why): the row merges are compared with. `wanted` (a row label) if given; else task
+    arithmetic: its held-out-selected row, its only row, or its best on test (said: an oracle)."""
+    if wanted is not None:
+        if wanted not in meta.index:
+            raise ConfigError(f"baseline {wanted!r} is not a row of this table; "
+                              f"rows: {', '.join(meta.index)}")
+        return wanted, "the chosen baseline"
     arithmetic = meta.index[meta["method"] == "task_arithmetic"]
     if arithmetic.empty:
         methods = sorted({str(x) for x in meta["method"].dropna()})
-        raise ConfigError("delta vs task arithmetic needs a task_arithmetic row; this "
+        raise ConfigError("comparing with task arithmetic needs a task_arithmetic row; this "
                           f"experiment has the methods: {', '.join(methods) or 'none'}")
     held_out = [row for row in arithmetic if meta.at[row, "chosen"] == "held-out"]
     averages = score.values.loc[arithmetic, AVERAGE]
@@ -303,11 +353,52 @@ def _delta_block(score: Block, columns: list[Column], meta: pd.DataFrame) -> Blo
     else:
         reference = averages.idxmax() if averages.notna().any() else arithmetic[0]
         why = "the task-arithmetic row with the best test average: an oracle choice"
+    return reference, why
+
+
+def _delta_block(score: Block, columns: list[Column], meta: pd.DataFrame, wanted: str | None) -> Block:
+    reference, why = baseline_row(score, meta, wanted)
     titles = [c.title for c in columns] + [AVERAGE]
     values = score.values[titles] - score.values.loc[reference, titles]
     note = f"Δ TA: score minus {meta.at[reference, 'title']} ({why}), in points."
     return Block("delta", "Δ vs task arithmetic (points)", values, {c: 2 for c in titles},
                  score.lower_is_better & set(titles), signed=True, notes=[note])
+
+
+def _paired_block(score: Block, columns: list[Column], meta: pd.DataFrame,
+                  samples: Mapping[str, list[dict]], wanted: str | None, notes: list[str]) -> list[Block]:
+    """p-values of the paired bootstrap of each merge against the baseline, per task; "*" marks
+    the merge's score where p < 0.05. No block when the baseline has no per-sample log."""
+    try:
+        reference, why = baseline_row(score, meta, wanted)
+    except ConfigError:
+        return []
+    if not samples.get(reference):
+        notes.append("No paired test: the baseline's per-sample results were not stored "
+                     "(evaluation.log_samples: true stores them).")
+        return []
+    merges = [row for row in meta.index if meta.at[row, "kind"] == "merge" and row != reference]
+    values = pd.DataFrame(index=meta.index, columns=[c.title for c in columns], dtype=float)
+    untested = []
+    for col in columns:
+        base = significance.sample_scores(samples[reference], col.task, col.metric)
+        if base.empty:
+            untested.append(col.title)
+            continue
+        for row in merges:
+            test = significance.paired_test(
+                significance.sample_scores(samples.get(row) or [], col.task, col.metric), base)
+            if test is not None:
+                values.at[row, col.title] = test.p_value
+                if test.significant:
+                    score.marks[(row, col.title)] = "*"
+    title = meta.at[reference, "title"]
+    note = (f"Paired: two-sided p-value of a paired bootstrap ({significance.RESAMPLES} resamples of the "
+            f"test documents) of each merge against {title} ({why}); * on a score: p < {significance.ALPHA}.")
+    if untested:
+        note += f" Not tested (no per-document score, e.g. corpus-level BLEU): {', '.join(untested)}."
+    return [Block("paired", f"Paired test vs {title} (p-value)", values, {c: 3 for c in values.columns},
+                  notes=[note])]
 
 
 SANDBOX_COUNTS = {  # per-task counts from the sandboxed code tasks, told in the notes when > 0
@@ -333,10 +424,12 @@ def _sandbox_notes(results: pd.DataFrame, meta: pd.DataFrame, tasks: Sequence[st
 
 def build_table(results: pd.DataFrame, finetune_tasks: Mapping[str, str],
                 options: TableOptions = TableOptions(), family: str | None = None,
-                oracle: Sequence[str] = ()) -> ComparisonTable:
+                oracle: Sequence[str] = (),
+                samples: Mapping[str, list[dict]] | None = None) -> ComparisonTable:
     """The comparison table of the results of one experiment (a `results_frame`).
 
     `oracle`: labels of grids (`oracle: true` methods) reduced to their best point on test.
+    `samples`: row label -> its per-sample log (lm-eval's, as stored): enables the paired test.
     """
     if results.empty:
         raise StoreError("there are no results to tabulate (the results frame is empty)")
@@ -357,11 +450,19 @@ def build_table(results: pd.DataFrame, finetune_tasks: Mapping[str, str],
     if options.normalized:
         blocks.append(_normalized_block(blocks[0], columns, meta, finetune_tasks))
     if options.delta:
-        blocks.append(_delta_block(blocks[0], columns, meta))
-    merges = list(meta.index[meta["kind"] == "merge"])
+        blocks.append(_delta_block(blocks[0], columns, meta, options.baseline))
+    # passthrough copies one model: a reference row, like the fine-tunes, not a competing merge
+    merges = list(meta.index[(meta["kind"] == "merge") & (meta["method"] != "passthrough")])
+    if samples:
+        blocks += _paired_block(blocks[0], columns, meta, samples, options.baseline, notes)
+    blocks[0].show_stderr = options.stderr
     for block in blocks:
-        _best(block, merges or list(meta.index))
-    notes.append("Bold: the best " + ("merge" if merges else "model") + " in each column.")
+        if block.name != "paired":
+            _best(block, merges or list(meta.index))
+    notes.append("Bold: the best " + ("merge" if merges else "model") + " in each column (none where tied)"
+                 + (f"; italic: the lowest {' and '.join(COST_COLUMNS)}" if options.costs else "") + ".")
+    if options.stderr:
+        notes.append("± : lm-eval's standard error of the score, in points.")
     return ComparisonTable(experiments[0], family or experiments[0], meta, columns, blocks, notes)
 
 
@@ -378,7 +479,8 @@ def comparison_table(store, experiment: str, options: TableOptions = TableOption
         order = [t for t in named if t in present] + sorted(present - set(named))
         options = dataclasses.replace(options, tasks=order)
     return build_table(results, source.finetune_tasks(config), options,
-                       source.model_family(config, experiment), source.oracle_labels(config))
+                       source.model_family(config, experiment), source.oracle_labels(config),
+                       source.samples_by_label(store, results))
 
 
 def comparison_frame(store, experiment: str, *, normalized: bool = False, delta: bool = False,

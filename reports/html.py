@@ -54,11 +54,12 @@ def _columns(tables: Sequence[ComparisonTable]) -> list[LeaderColumn]:
 def _cell(table: ComparisonTable, row: str, column: LeaderColumn) -> dict[str, Any]:
     block = table.block(column.block)
     if block is None or column.source not in block.values.columns:
-        return {"text": "–", "value": "", "best": False}
+        return {"text": "–", "value": "", "best": False, "lowest": False}
     value = block.values.at[row, column.source]
     missing = value is None or (isinstance(value, float) and math.isnan(value))
-    return {"text": block.text(row, column.source), "value": "" if missing else f"{value:.6g}",
-            "best": block.is_best(row, column.source)}
+    cell = block.cell(row, column.source)
+    return {"text": cell.text + cell.mark, "value": "" if missing else f"{value:.6g}",
+            "best": cell.best, "lowest": cell.lowest}
 
 
 def _ranks(table: ComparisonTable) -> dict[str, int]:

@@ -6,11 +6,18 @@ import json
 import math
 from typing import Any
 
-from merge_harness.reports.frame import ComparisonTable
+from merge_harness.reports.frame import Block, ComparisonTable
 
 
 def _number(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _cell_data(block: Block, row: str, column: str) -> dict[str, Any]:
+    cell = block.cell(row, column)
+    stderr = block.stderr.at[row, column] if block.stderr is not None and column in block.stderr else None
+    return {"value": _number(block.values.at[row, column]), "stderr": _number(stderr), "best": cell.best,
+            "lowest": cell.lowest, "significant": bool(cell.mark)}
 
 
 def table_data(table: ComparisonTable) -> dict[str, Any]:
@@ -20,8 +27,7 @@ def table_data(table: ComparisonTable) -> dict[str, Any]:
             "id": row, "title": meta["title"], "kind": meta["kind"],
             "method": meta["method"] if isinstance(meta["method"], str) else None,
             "parameters": meta["params"],
-            "blocks": {b.name: {c: {"value": _number(b.values.at[row, c]), "best": b.is_best(row, c)}
-                                for c in b.values.columns} for b in table.blocks},
+            "blocks": {b.name: {c: _cell_data(b, row, c) for c in b.values.columns} for b in table.blocks},
         })
     return {
         "experiment": table.experiment,

@@ -1,4 +1,5 @@
-"""Markdown: the comparison table (one pipe table per block), best per column in bold."""
+"""Markdown: the comparison table (one pipe table per block): the best merge per column in bold,
+the lowest cost in italic, "*" on scores that differ from the baseline (paired test)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from merge_harness.reports.frame import Block, ComparisonTable
 
 
 def _cell(block: Block, row: str, column: str) -> str:
-    text = block.text(row, column)
-    return f"**{text}**" if block.is_best(row, column) else text
+    cell = block.cell(row, column)
+    text = cell.text + cell.mark
+    return f"**{text}**" if cell.best else f"*{text}*" if cell.lowest else text
 
 
 def render_block(table: ComparisonTable, block: Block) -> list[str]:

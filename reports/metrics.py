@@ -1,7 +1,7 @@
 """What the reports know about tasks, metrics and methods: primary metric, scale, display names.
 
-A task maps to its primary metric by the longest matching name prefix, so fixture and chat
-variants (`gsm8k_fixture`, `gsm8k_chat`) report like the real task. Scores are stored in
+A task's primary metric is the one it declares (`merge_harness.tasks.primary_metric`: its YAML's
+`metadata.primary_metric`, inherited by fixture and chat variants). Scores are stored in
 lm-eval's units; reports show *points*: 0-1 metrics (acc, exact_match, pass@k, f1) times 100,
 0-100 metrics (bleu, chrf) as they are. Check tolerances are in the same points.
 """
@@ -11,14 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-PRIMARY_METRIC: dict[str, str] = {
-    "gsm8k": "exact_match,strict-match",
-    "winogrande": "acc",
-    "cosmos_qa": "acc",
-    "ropes": "f1",
-    "humaneval": "pass@1",
-    "wmt22": "bleu",
-}
+from merge_harness.tasks import primary_metric as declared_primary_metric
+
 FALLBACK_METRICS = ("acc", "exact_match,strict-match", "exact_match", "pass@1", "f1", "bleu")
 
 TASK_TITLES: dict[str, str] = {
@@ -28,6 +22,10 @@ TASK_TITLES: dict[str, str] = {
     "ropes": "ROPES",
     "humaneval": "HumanEval",
     "wmt22_zh_en": "WMT22 zh-en",
+    "toy_math": "Toy math",
+    "toy_code": "Toy code",
+    "toy_translate": "Toy translate",
+    "toy_qa": "Toy QA",
 }
 POINTS_AS_IS = {"bleu", "chrf", "ter", "comet"}  # already 0-100 (or unbounded): no x100
 LOWER_IS_BETTER = {"ter", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
@@ -47,6 +45,15 @@ METHOD_TITLES: dict[str, str] = {
     "regmean": "RegMean",
     "fisher": "Fisher",
     "slta": "SLTA",
+    "multislerp": "Multi-SLERP",
+    "nuslerp": "NuSLERP",
+    "karcher": "Karcher mean",
+    "sce": "SCE",
+    "ram": "RAM",
+    "ramplus_tl": "RAM+ (TL)",
+    "nearswap": "NearSwap",
+    "arcee_fusion": "Arcee Fusion",
+    "passthrough": "Passthrough",
 }
 GRANULARITY_TITLES = {"model": "model", "layer": "layer", "attn_mlp": "attn/MLP"}
 KIND_ORDER = {"base": 0, "finetune": 1, "model": 2, "merge": 3}
@@ -58,9 +65,10 @@ def _prefix_match(task: str, table: Mapping[str, str]) -> str | None:
 
 
 def primary_metric(task: str, available: Iterable[str] = ()) -> str:
-    """The metric a table shows for `task`; unknown tasks fall back on what they report."""
+    """The metric a table shows for `task`: the one it declares; a task that declares none
+    (or whose results lack it) falls back on what it reports."""
     available = sorted(set(available))
-    metric = _prefix_match(task, PRIMARY_METRIC)
+    metric = declared_primary_metric(task)
     if metric is not None and (not available or metric in available):
         return metric
     for candidate in FALLBACK_METRICS:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-from merge_harness.core.config_files import load_config_file
+from merge_harness.core.config_files import load_config_file, output_relative_to
 from merge_harness.core.errors import ConfigError
 from merge_harness.merge.config import Scalar
 from merge_harness.reports import metrics as m
@@ -55,9 +55,24 @@ class PaperRow(BaseModel):
 
 
 class Reference(BaseModel):
+    """The paper's numbers: `values` inline, or `values_file` (a YAML file of the same shape,
+    row label -> task -> value in points, relative to the spec), never both; `source` names the
+    paper and table they were transcribed from. A value left null reads "not transcribed"."""
+
     model_config = STRICT
     source: str = Field(min_length=1)  # paper and table the numbers come from
     values: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # row -> task -> value
+    values_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Reference:
+        if self.values and self.values_file:
+            raise ValueError("give the reference numbers as `values` or in `values_file`, not both")
+        return self
+
+
+class ReferenceValues(RootModel[dict[str, dict[str, float | None]]]):
+    """A values file: row label -> task -> the paper's value in points."""
 
 
 class ModelSet(BaseModel):
@@ -116,8 +131,26 @@ def load_spec(name_or_path: str | Path) -> PaperSpec:
         raise ConfigError(f"unknown paper spec {text!r}; known: {', '.join(available_specs())} "
                           "(or pass the path of a YAML file)")
     spec, _ = load_config_file(path, PaperSpec, "a paper spec")
+    spec = _relative_to_spec(spec, path)
     validate(spec, str(path))
     return spec
+
+
+def _relative_to_spec(spec: PaperSpec, path: Path) -> PaperSpec:
+    """Files a spec names (experiment files, values files) are relative to the spec, and a
+    values file is read into `values` (its errors name that file)."""
+    root = path.parent
+    sets = []
+    for model_set in spec.model_sets:
+        update: dict = {"experiment_file": output_relative_to(model_set.experiment_file, root)}
+        reference = model_set.reference
+        if reference is not None and reference.values_file:
+            values_path = Path(output_relative_to(reference.values_file, root))
+            values, _ = load_config_file(values_path, ReferenceValues, "a reference values file")
+            update["reference"] = reference.model_copy(update={"values": values.root,
+                                                               "values_file": str(values_path)})
+        sets.append(model_set.model_copy(update=update))
+    return spec.model_copy(update={"model_sets": sets})
 
 
 def validate(spec: PaperSpec, where: str) -> None:
@@ -202,8 +235,11 @@ def fill(spec: PaperSpec, model_set: ModelSet, results: pd.DataFrame | None) -> 
     return cells
 
 
-def _text(value: float, signed: bool = False) -> str:
-    return "–" if pd.isna(value) else f"{value:{'+' if signed else ''}.2f}"
+def _text(value: float, signed: bool = False, missing: str = "–") -> str:
+    return missing if pd.isna(value) else f"{value:{'+' if signed else ''}.2f}"
+
+
+NOT_TRANSCRIBED = "not transcribed"
 
 
 def render_markdown(spec: PaperSpec, results: Mapping[str, pd.DataFrame | None],
@@ -219,11 +255,17 @@ def render_markdown(spec: PaperSpec, results: Mapping[str, pd.DataFrame | None],
         lines += ["", f"## {model_set.name} (experiment `{model_set.experiment}`)", "",
                   "| Model | " + " | ".join(header) + " |", "|:--|" + "--:|" * len(header)]
         for label, row in cells.iterrows():
-            parts = [_text(row[(c, part)], part == "delta") for c in columns
-                     for part in ("measured", "paper", "delta")]
+            parts = [_text(row[(c, part)], part == "delta", NOT_TRANSCRIBED if part == "paper" else "–")
+                     for c in columns for part in ("measured", "paper", "delta")]
             lines.append(f"| {label} | " + " | ".join(parts) + " |")
         lines += ["", *_set_notes(spec, model_set, cells, store_path)]
     return "\n".join(lines) + "\n"
+
+
+def _shown(path: str) -> str:
+    """A path as a user types it here: relative to the working directory when under it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(resolved)
 
 
 def _set_notes(spec: PaperSpec, model_set: ModelSet, cells: pd.DataFrame, store_path: str) -> list[str]:
@@ -237,7 +279,7 @@ def _set_notes(spec: PaperSpec, model_set: ModelSet, cells: pd.DataFrame, store_
                for label in cells.index}
     missing = {label: ts for label, ts in missing.items() if ts}
     if missing:
-        command = (f"merge-harness run {model_set.experiment_file}" if model_set.experiment_file
+        command = (f"merge-harness run {_shown(model_set.experiment_file)}" if model_set.experiment_file
                    else f"merge-harness run <the YAML of experiment {model_set.experiment}>")
         if len(missing) == len(cells.index) and all(len(ts) == len(tasks) for ts in missing.values()):
             what = f"No cell is measured yet: {store_path} has no results of experiment"
@@ -247,7 +289,7 @@ def _set_notes(spec: PaperSpec, model_set: ModelSet, cells: pd.DataFrame, store_
             notes.append(f"- Not measured yet in {store_path}: {listed}. Fill them with `{command}`.")
         if model_set.experiment_file and not Path(model_set.experiment_file).exists():
             finetunes = ", ".join(f"{n} -> {t}" for n, t in model_set.finetunes.items())
-            notes.append(f"- {model_set.experiment_file} does not exist yet: write it with base "
+            notes.append(f"- {_shown(model_set.experiment_file)} does not exist yet: write it with base "
                          f"{model_set.base}, fine-tunes {finetunes}, name {model_set.experiment}.")
     notes += [f"- {note}." for note in cells.attrs.get("notes", [])]
     return notes

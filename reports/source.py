@@ -102,3 +102,13 @@ def coefficients_for(store: ResultStore, results: pd.DataFrame) -> dict[str, pd.
         if not coefficients.empty:
             out[str(label)] = coefficients
     return out
+
+
+def samples_by_label(store: ResultStore, results: pd.DataFrame) -> dict[str, list[dict]]:
+    """Row label -> the per-sample logs of its jobs (rows without stored samples are left out)."""
+    found: dict[str, list[dict]] = {}
+    for label, key in results[["label", "key"]].drop_duplicates().itertuples(index=False):
+        result = store.get_result(str(key))
+        if result is not None and result.samples_log:
+            found.setdefault(str(label), []).extend(result.samples_log)
+    return found

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from merge_harness.merge.methods import method_registry
+from merge_harness.reports.metrics import task_title
 from merge_harness.zoo.demo import demo_methods
 
 
 def test_demo_covers_every_registered_method():
-    assert {run.method for run in demo_methods("math")} == set(method_registry())
+    assert {run.method for run in demo_methods(["math", "code"])} == set(method_registry())
 
 
 @pytest.mark.slow
@@ -30,11 +31,16 @@ def test_demo_on_the_ci_zoo_writes_every_artifact(tmp_path):
     assert list((report / "plots").glob("*.png")) and list((report / "plots").glob("*.svg"))
     table = pd.read_csv(report / "demo-toy-ci-limit6.csv")
     merges = table[table["kind"] == "merge"]
-    assert len(merges) == len(demo_methods("math")) + 1  # task arithmetic runs a 2-point grid
+    assert len(merges) == len(demo_methods(["math", "code"])) + 1  # task arithmetic runs a 2-point grid
     assert set(merges["method"]) == set(method_registry())
     for task in ("toy_math", "toy_code", "toy_translate", "toy_qa"):
-        column = next(c for c in table.columns if task in c)
+        column = task_title(task)
         assert pd.to_numeric(table[column], errors="coerce").notna().all(), task
     assert "demo finished" in result.stdout
+    noise = ("model kwarg is not of type", "Custom kwargs can be passed", "fatal: not a git repository")
+    console = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in console if any(n in line for n in noise)]
+    log = (out / "results.log").read_text()  # third-party output went next to the store
+    assert "lm_eval" in log or "model kwarg is not of type" in log
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and ", 0 computed" in again.stdout  # everything reused

@@ -149,8 +149,11 @@ def test_json_renderer_marks_best_cells(table):
 
     data = json.loads(render_json(table))
     rows = {row["title"]: row for row in data["rows"]}
-    assert rows["SLTA (attn/MLP)"]["blocks"]["score"]["Avg."] == {"value": pytest.approx(26.3333, abs=1e-3),
-                                                                 "best": True}
+    assert rows["SLTA (attn/MLP)"]["blocks"]["score"]["Avg."] == {
+        "value": pytest.approx(26.3333, abs=1e-3), "stderr": None, "best": True, "lowest": False,
+        "significant": False}
+    assert rows["TIES"]["blocks"]["score"]["Merge (s)"]["lowest"] is True
+    assert rows["TIES"]["blocks"]["score"]["GSM8K (fixture)"]["stderr"] == pytest.approx(2.0)
     assert rows["Pre-trained"]["method"] is None
     assert {c["task"]: c["metric"] for c in data["columns"]}["gsm8k_fixture"] == "exact_match,strict-match"
 
@@ -178,7 +181,7 @@ def test_table_rows_are_ordered_and_titled_like_the_paper(table):
     assert score.values.at["math", "GSM8K (fixture)"] == pytest.approx(50.0)  # 0.5 -> 50 points
     assert score.values.at["translate", "WMT22 zh-en (fixture)"] == pytest.approx(20.0)  # BLEU as is
     assert score.best["Avg."] == ["slta (granularity=attn_mlp)"]
-    assert score.best["Merge (s)"] == ["ties"]  # lower is better for costs
+    assert score.lowest["Merge (s)"] == ["ties"] and "Merge (s)" not in score.best  # a cost is not a score
     assert "Fine-tuned (math)" not in score.best["GSM8K (fixture)"]  # references do not compete
 
 
@@ -360,19 +363,58 @@ def test_shipped_paper_specs_load_and_leave_unknown_references_empty():
         "gsm8k", "cosmos_qa", "ropes", "winogrande"]
 
 
-def test_paper_table_measured_vs_reference_with_deltas(store, tmp_path):
-    spec = paper.load_spec("demo_zoo").model_dump()
-    spec["model_sets"][0]["reference"] = {"source": "a made-up test reference",
-                                          "values": {"TIES": {"gsm8k_fixture": 30.0}}}
-    path = tmp_path / "spec.yaml"
+FIXTURE_SPEC = {  # a paper spec over this module's store (experiment "demo", fixture tasks)
+    "name": "fixture_paper", "title": "Fixture paper", "paper": "none (a test)",
+    "tasks": [{"name": "gsm8k_fixture", "title": "Math"},
+              {"name": "humaneval_sandboxed_fixture", "title": "Code"},
+              {"name": "wmt22_zh_en_fixture", "title": "Translate"}],
+    "rows": [{"label": "Pre-trained", "kind": "base"},
+             {"label": "Math fine-tune", "kind": "finetune", "finetune": "math"},
+             {"label": "Task Arithmetic", "kind": "merge", "method": "task_arithmetic"},
+             {"label": "TIES", "kind": "merge", "method": "ties"},
+             {"label": "SLTA (layer)", "kind": "merge", "method": "slta",
+              "parameters": {"granularity": "layer"}}],
+    "model_sets": [{"name": "fixture zoo", "base": "zoo/base", "experiment": "demo",
+                    "finetunes": {"math": "gsm8k_fixture", "code": "humaneval_sandboxed_fixture",
+                                  "translate": "wmt22_zh_en_fixture"}}],
+}
+
+
+def write_spec(path: Path, **model_set) -> Path:
     import yaml
 
+    spec = json.loads(json.dumps(FIXTURE_SPEC))
+    spec["model_sets"][0].update(model_set)
     path.write_text(yaml.safe_dump(spec))
-    text = commands.render_paper(store, str(path))
+    return path
+
+
+def test_paper_table_measured_vs_reference_with_deltas(store, tmp_path):
+    reference = {"source": "a made-up test reference", "values": {"TIES": {"gsm8k_fixture": 30.0}}}
+    text = commands.render_paper(store, str(write_spec(tmp_path / "spec.yaml", reference=reference)))
     ties = next(line for line in text.splitlines() if line.startswith("| TIES |"))
     assert ties.split(" | ")[1:4] == ["32.00", "30.00", "+2.00"]
     assert "Task Arithmetic: best of 2 measured rows by average" in text
     assert "a made-up test reference" in text
+    assert ties.split(" | ")[5] == "not transcribed"  # Code: no value given
+
+
+def test_paper_numbers_come_from_a_values_file_next_to_the_spec_and_files_resolve_from_it(
+        store, tmp_path, monkeypatch):
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "paper_values.yaml").write_text("TIES: {gsm8k_fixture: 31.5, wmt22_zh_en_fixture: 15.0}\n")
+    (folder / "run.yaml").write_text("name: demo\n")
+    spec = write_spec(folder / "spec.yaml", experiment_file="run.yaml",
+                      reference={"source": "Table 9 of a test paper", "values_file": "paper_values.yaml"})
+    monkeypatch.chdir(tmp_path / "..")  # anywhere: paths in the spec are relative to it
+    text = commands.render_paper(store, str(spec))
+    ties = next(line for line in text.splitlines() if line.startswith("| TIES |"))
+    assert ties.split(" | ")[1:4] == ["32.00", "31.50", "+0.50"]
+    assert "does not exist yet" not in text  # run.yaml is found next to the spec
+    bad = write_spec(folder / "bad.yaml", reference={"source": "x", "values_file": "missing.yaml"})
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        paper.load_spec(bad)
 
 
 def test_paper_table_says_what_is_not_measured_and_how_to_measure_it(store):
@@ -447,7 +489,16 @@ def test_several_experiments_share_one_leaderboard_and_partial_paper_tables(tmp_
         assert sorted(p.name for p in written) == ["demo.md", "leaderboard.html", "other.md"]
         page = (tmp_path / "out" / "leaderboard.html").read_text(encoding="utf-8")
         assert 'data-experiment="other"' in page and 'data-method="dare_ties"' in page
-        text = commands.render_paper(two, "demo_zoo")
+        text = commands.render_paper(two, str(write_spec(tmp_path / "spec.yaml", experiment_file="run.yaml")))
     assert "| TIES | 32.00 |" in text
     assert "Not measured yet in" in text and "SLTA (layer): gsm8k_fixture" in text
-    assert "merge-harness run examples/demo.yaml" in text
+    assert f"merge-harness run {tmp_path / 'run.yaml'}" in text and "does not exist yet" in text
+
+
+def test_the_demo_paper_spec_names_the_demo_experiment_and_its_tasks():
+    from merge_harness.zoo.toytasks import LMEVAL_TASKS
+
+    spec = paper.load_spec("demo_zoo")
+    (model_set,) = spec.model_sets
+    assert model_set.experiment == "demo-toy"  # what `merge-harness demo` names its experiment
+    assert {t.name for t in spec.tasks} == set(model_set.finetunes.values()) == set(LMEVAL_TASKS.values())

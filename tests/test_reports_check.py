@@ -185,3 +185,16 @@ def test_golden_update_needs_a_known_experiment(tmp_path):
             commands.run_check(store, "nope", tmp_path / "golden.json", update=True)
     assert set(MODELS) >= {"pre-trained", "math"}
     assert Score  # the store's own record type is what the fixture writes
+
+
+def test_primary_only_checks_the_declared_metric_of_each_task(built):
+    """gsm8k's primary metric is strict-match (its YAML declares it): a drop in flexible-extract
+    fails a full check and passes a primary-only one; a strict-match drop fails both."""
+    _, frame, golden = built
+    flexible = ("ties", "gsm8k_fixture", "exact_match,flexible-extract")
+    assert (frame["metric"] == flexible[2]).any()  # the store records both of gsm8k's metrics
+    secondary = shifted(frame, *flexible, by=-0.05)
+    assert check(secondary, golden).exit_code == 1
+    assert check(secondary, golden, primary_only=True).exit_code == 0
+    assert check(shifted(frame, *TIES_GSM8K, by=-0.05), golden, primary_only=True).exit_code == 1
+    assert "`exact_match,strict-match` (primary)" in summary_markdown(check(frame, golden))

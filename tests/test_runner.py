@@ -71,7 +71,10 @@ def test_run_records_every_job_and_a_rerun_computes_nothing(chat_zoo, tmp_path):
             "task_arithmetic (lambda=1.0)",
             "ties",
         ]
-        assert "cosmos_qa_fixture acc" in table.columns
+        tasks = [t.name for t in experiment.task_runs()]
+        assert list(table.columns) == sorted(tasks)  # one column per task, by its full name
+        acc = store.results_frame(experiment.name).query("task == 'cosmos_qa_fixture' and metric == 'acc'")
+        assert table.loc["ties", "cosmos_qa_fixture"] == 100 * acc.set_index("label").at["ties", "value"]
         assert table.notna().all().all()
         second = run_experiment(experiment, store, show_progress=False)
         assert (second.computed, second.reused) == (0, 12)

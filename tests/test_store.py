@@ -15,6 +15,7 @@ from merge_harness.core.errors import StoreError
 from merge_harness.core.results import Coefficient, JobResult, Score
 from merge_harness.store.database import ResultStore, content_key
 from merge_harness.store.migrations import MIGRATIONS, migrate
+from merge_harness.store.results_file import ImportOutcome
 
 TIES_SPEC = {"merge": {"method": "ties", "params": {"density": 0.5, "lambda": 1.0}},
              "models": ["base", "math", "code"], "tasks": ["gsm8k", "mbpp"]}
@@ -150,17 +151,17 @@ def test_export_then_import_into_a_fresh_store_gives_identical_frames(store, tmp
     assert sorted(os.listdir(export.parent)) == ["results.jsonl"]  # no temp file left over
     assert all(json.loads(line)["key"] for line in export.read_text().splitlines())
     with ResultStore(tmp_path / "fresh.sqlite") as fresh:
-        assert fresh.import_jsonl(export) == (3, 0)
+        assert fresh.import_jsonl(export) == ImportOutcome(imported=3, skipped=0, conflicts=())
         for experiment in (None, "A", "B"):
             pd.testing.assert_frame_equal(fresh.results_frame(experiment),
                                           store.results_frame(experiment))
         pd.testing.assert_frame_equal(fresh.coefficients_frame(), store.coefficients_frame())
         assert fresh.get_result(make_result().key) == store.get_result(make_result().key)
-        assert fresh.import_jsonl(export) == (0, 3)
+        assert fresh.import_jsonl(export) == ImportOutcome(imported=0, skipped=3, conflicts=())
     assert store.export_jsonl(tmp_path / "b.jsonl", experiment="B") == 1
 
 
-def test_import_rejects_a_conflicting_line_and_imports_nothing(store, tmp_path):
+def test_import_reports_a_conflicting_line_keeps_the_stored_result_and_imports_the_rest(store, tmp_path):
     store.record(make_result())
     lines = [make_result(BASE_SPEC, label="pre-trained"), make_result(gsm8k=0.9)]
     source = tmp_path / "in.jsonl"
@@ -169,10 +170,12 @@ def test_import_rejects_a_conflicting_line_and_imports_nothing(store, tmp_path):
             other.record(result, replace=True)
         other.export_jsonl(source)
     order = [json.loads(line)["model_label"] for line in source.read_text().splitlines()]
-    conflict_line = order.index("TIES") + 1
-    with pytest.raises(StoreError, match=rf"in\.jsonl:{conflict_line}: .*different finished"):
-        store.import_jsonl(source)
-    assert not store.has_result(content_key(BASE_SPEC))
+    outcome = store.import_jsonl(source)
+    assert (outcome.imported, outcome.skipped) == (1, 0)
+    [conflict] = outcome.conflicts
+    assert (conflict.line, conflict.key, conflict.differ) == (order.index("TIES") + 1, make_result().key,
+                                                              ("scores",))
+    assert store.has_result(content_key(BASE_SPEC))
     assert store.get_result(make_result().key).scores[0].value == 0.42
 
 

@@ -93,8 +93,10 @@ def test_gsm8k_variants_score_exactly_like_the_builtin(manager):
     shared = ["output_type", "doc_to_target", "metric_list", "filter_list", "repeats"]
     for key in shared:
         assert fixture[key] == builtin[key] == chat[key], key
-    for key in ["doc_to_text", "num_fewshot", "generation_kwargs", "metadata"]:
+    for key in ["doc_to_text", "num_fewshot", "generation_kwargs"]:
         assert fixture[key] == builtin[key], key
+    ours = {k: v for k, v in fixture["metadata"].items() if k != "primary_metric"}  # our declaration
+    assert ours == builtin["metadata"]
     assert chat["num_fewshot"] == 0 and chat["doc_to_text"] == "{{question}}"
 
 
@@ -219,3 +221,18 @@ def test_every_task_file_is_shipped_as_package_data():
     """pyproject ships tasks/**/*.yaml, *.jsonl and *.py; anything else would vanish from a wheel."""
     files = [p for p in TASKS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     assert files and all(p.suffix in {".yaml", ".jsonl", ".py"} for p in files)
+
+
+def test_every_task_of_ours_declares_a_primary_metric_it_reports(manager):
+    from merge_harness.tasks import declared_primary_metrics
+
+    declared = declared_primary_metrics()
+    ours = [name for name, entry in manager.task_index.items()
+            if entry.yaml_path and str(TASKS_DIR) in str(entry.yaml_path) and entry.kind.name == "TASK"]
+    assert ours and sorted(n for n in ours if n not in declared) == []
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for name in ours:
+        config = load_yaml(manager.task_index[name].yaml_path, resolve_func=False)  # includes merged
+        metrics = [m["metric"] for m in config["metric_list"]]
+        assert declared[name].split(",")[0] in metrics, name

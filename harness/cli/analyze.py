@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from merge_harness.cli.common import console, options
+from merge_harness.cli.common import console, err_console, options
 from merge_harness.core.errors import ConfigError
 
 TEMPLATE = typer.Option(
@@ -75,11 +77,26 @@ def analyze_disentanglement(
     print_written(files)
 
 
+def parse_grid(text: str) -> tuple[float, ...]:
+    """'0,0.1,0.5' -> (0.0, 0.1, 0.5): finite numbers, at least one."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"--grid: {part.strip()!r} is not a number (e.g. --grid 0,0.25,0.5)") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"--grid: {part.strip()!r} is not a finite number")
+        values.append(value)
+    return tuple(values)
+
+
 @analyze_app.command("search")
 def analyze_search(
     experiment_file: Path = typer.Argument(..., help="Experiment YAML (base, fine-tunes, train data)."),
     method: str = typer.Option("task_arithmetic", "--method"),
     parameter: str = typer.Option("lambda", "--parameter"),
+    grid: str = typer.Option(None, "--grid", help="Values to try, e.g. 0,0.25,0.5 (default 0, 0.05 .. 1)."),
     held_out_fraction: float = typer.Option(0.2, "--held-out", help="Part of each train file held out."),
     out: Path = typer.Option(Path("diagnostics"), "--out"),
     template: str = TEMPLATE,
@@ -87,13 +104,18 @@ def analyze_search(
     """Grid-search a method's scalar parameter on held-out TRAIN data (never the test split)."""
     from merge_harness.diagnostics.search_report import search_report
     from merge_harness.selection.answers import DataSettings
+    from merge_harness.selection.grid import DEFAULT_GRID, check_grid, edge_warning
     from merge_harness.selection.search import SearchSpec
 
+    values = parse_grid(grid) if grid is not None else DEFAULT_GRID
+    check_grid(method, parameter, values, "--grid" if grid is not None else "the default grid (0 to 1)")
     base, models, data = experiment_models(experiment_file)
-    spec = SearchSpec(method=method, parameter=parameter)
+    spec = SearchSpec(method=method, parameter=parameter, grid=values)
     settings = DataSettings(held_out_fraction=held_out_fraction, template=template)
     result, files = search_report(base, models, data, out, spec=spec, data=settings)
     console.print(f"chosen {parameter} = {result.chosen} (score {result.best_score:.4g})")
+    if warning := edge_warning(method, parameter, values, result.chosen):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)} (--grid)", highlight=False, soft_wrap=True)
     print_written(files)
 
 

@@ -19,6 +19,7 @@ from merge_harness.cli.common import (
     parse_kmb,
     parse_size,
     print_frame,
+    print_table,
 )
 from merge_harness.core.errors import ConfigError
 
@@ -70,15 +71,53 @@ def methods_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe_params_json(model) -> list[dict]:
+    """Each parameter of a parameter model as JSON: name, required, default, then its JSON schema
+    (type or enum, bounds, description), in declaration order."""
+    properties = model.model_json_schema(by_alias=True)["properties"]
+    parameters = []
+    for name, field in model.model_fields.items():
+        schema = {k: v for k, v in properties[field.alias or name].items() if k not in ("title", "default")}
+        required = field.is_required()
+        default = None if required else properties[field.alias or name].get("default")
+        parameters.append({"name": field.alias or name, "required": required, "default": default, **schema})
+    return parameters
+
+
+def methods_json() -> str:
+    """One JSON object per registered method: what `merge-harness methods --format json` prints."""
+    import json
+
+    from merge_harness.merge.methods import method_registry
+
+    methods = [
+        {"name": name, "kind": "per tensor" if method.streaming else "calibrated", "base": method.base_role,
+         "description": method.description, "paper": method.paper, "equation": method.equation,
+         "parameters": describe_params_json(method.params),
+         "per_model_parameters": describe_params_json(method.model_params)}
+        for name, method in method_registry().items()
+    ]
+    return json.dumps(methods, indent=2) + "\n"
+
+
+METHOD_FORMATS = ("table", "json", "markdown")
+
+
 @app.command()
 def methods(
-    markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown table of docs/methods.md."),
+    fmt: str = typer.Option(None, "--format", help="table (default), json or markdown."),
+    markdown: bool = typer.Option(False, "--markdown", help="= --format markdown (docs/methods.md's table)."),
 ) -> None:
     """List the registered merge methods with their parameters and defaults."""
     from merge_harness.merge.methods import method_registry
 
-    if markdown:
-        typer.echo(methods_markdown(), nl=False)
+    if markdown and fmt not in (None, "markdown"):
+        raise ConfigError(f"--markdown and --format {fmt} disagree: give one")
+    fmt = "markdown" if markdown else fmt or "table"
+    if fmt not in METHOD_FORMATS:
+        raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(METHOD_FORMATS)}")
+    if fmt != "table":
+        typer.echo(methods_markdown() if fmt == "markdown" else methods_json(), nl=False)
         return
     table = Table(title="merge methods", show_lines=True)
     table.add_column("method", no_wrap=True, style="bold")
@@ -90,7 +129,7 @@ def methods(
         per_model = describe_params(method.model_params)
         text = describe_params(method.params) + (f"  (per model: {per_model})" if per_model else "")
         table.add_row(name, kind, text or "-", method.description)
-    console.print(table)
+    print_table(table)
 
 
 # mergekit-yaml options that have no counterpart here: refused in one line, never silently.
@@ -204,6 +243,7 @@ def dry_run_listing(experiment, store_path: str) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     experiment_file: Path = typer.Argument(..., help="Experiment YAML."),
     store_path: str = typer.Option(None, "--store", help="SQLite result store (default from the YAML)."),
     executor: str = typer.Option("local", "--executor", help="local or ray."),
@@ -219,6 +259,7 @@ def run(
 
     Several runners on one store share the work: each job is claimed, so it is computed once.
     """
+    from merge_harness.core.third_party import log_file_beside
     from merge_harness.evaluate.evaluator import chat_template_warnings, check_backend
     from merge_harness.run.experiment import load_experiment, validate_experiment
     from merge_harness.run.runner import make_executor, run_experiment, summary_frame
@@ -235,15 +276,19 @@ def run(
         return
     validate_experiment(experiment)  # every bad input fails here, before the store file exists
     with open_store(store_path) as store:
-        summary = run_experiment(experiment, store, chosen, show_progress=not quiet, lease_s=lease_s)
+        summary = run_experiment(experiment, store, chosen, show_progress=not quiet, lease_s=lease_s,
+                                 quiet_third_party=not options(ctx).debug)
         frame = summary_frame(store, experiment.name, summary.labels)
     if not frame.empty:
-        print_frame(frame, f"{experiment.name} ({store.path})")
+        print_frame(frame.round(1), f"{experiment.name} ({store.path}): each task's primary metric, "
+                    "in points (0-100; BLEU as is)")
     elsewhere = f"{summary.elsewhere} held by another runner, " if summary.elsewhere else ""
     console.print(
         f"{summary.total} jobs: {summary.reused} reused, {summary.computed} computed, "
         f"{elsewhere}{len(summary.failed)} failed in {summary.seconds:.1f} s"
     )
+    if summary.computed and not options(ctx).debug:
+        console.print(f"lm-eval's and other libraries' output: {log_file_beside(store.path)}")
     if summary.elsewhere_unfinished:
         console.print(f"{summary.elsewhere_unfinished} of them unfinished here: run again later for any left")
     for label, task, error in summary.failed:
@@ -260,6 +305,10 @@ def report(
     paper: str = typer.Option(None, "--paper", help="Paper-table spec: NAME in reports/paper/ or a path."),
     normalized: bool = typer.Option(False, "--normalized", help="Scores / the fine-tune's on its task."),
     delta: bool = typer.Option(False, "--delta", help="Scores minus task arithmetic's."),
+    stderr: bool = typer.Option(None, "--stderr/--no-stderr",
+                                help="'± stderr' after scores (default: in the leaderboard only)."),
+    baseline: str = typer.Option(None, "--baseline",
+                                 help="Row that Δ and the paired test compare with (default: TA)."),
     store_path: str = typer.Option(None, "--store", help="SQLite result store."),
 ) -> None:
     """Render comparison tables, the HTML leaderboard and plots from the result store."""
@@ -270,7 +319,8 @@ def report(
             console.print(render_paper(store, paper), markup=False, highlight=False)
             console.print(f"written: {write_paper(store, paper, out)}")
             return
-        files = write_report(store, experiment, out, formats, normalized=normalized, delta=delta)
+        files = write_report(store, experiment, out, formats, normalized=normalized, delta=delta,
+                             stderr=stderr, baseline=baseline)
     for path in files:
         console.print(f"written: {path}")
 
@@ -284,6 +334,8 @@ def check(
     tolerance_stderr: float = typer.Option(None, "--tolerance-stderr", help="Or K x the combined stderr."),
     junit: Path = typer.Option(None, "--junit", help="Write a JUnit XML report here."),
     summary: Path = typer.Option(None, "--summary", help="Write a Markdown summary here."),
+    primary_only: bool = typer.Option(False, "--primary-only",
+                                      help="Check each task's primary metric only (what tables report)."),
     store_path: str = typer.Option(None, "--store", help="SQLite result store."),
 ) -> None:
     """Compare the store's results with a golden file: exit 1 on a regression."""
@@ -292,18 +344,22 @@ def check(
 
     limits = Tolerance(points=tolerance, stderr_multiple=tolerance_stderr)
     with open_store(store_path) as store:
-        outcome = run_check(store, experiment, golden, limits, update=update, junit=junit, summary=summary)
+        outcome = run_check(store, experiment, golden, limits, update=update, junit=junit, summary=summary,
+                            primary_only=primary_only)
     console.print(outcome.summary_md, markup=False, highlight=False)
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)
 
 
 @app.command()
-def finetune(config: Path = typer.Argument(..., help="Fine-tune YAML (see docs/finetune.md).")) -> None:
+def finetune(
+    config: Path = typer.Argument(..., help="Fine-tune YAML (see docs/finetune.md)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar (step, loss, learning rate)."),
+) -> None:
     """Supervised fine-tuning (full, attention-only or MLP-only) into a HF model directory."""
     from merge_harness.train.finetune import finetune_from_config
 
-    console.print(f"written: {finetune_from_config(config)}")
+    console.print(f"written: {finetune_from_config(config, show_progress=not quiet)}")
 
 
 @app.command()
@@ -319,6 +375,7 @@ def demo(
     """The offline demo: build a model zoo, merge with every method, evaluate, report."""
     import time
 
+    from merge_harness.core.third_party import log_file_beside
     from merge_harness.evaluate.evaluator import check_backend
     from merge_harness.reports.frame import comparison_frame
     from merge_harness.zoo.demo import ZOO_CACHE, run_demo
@@ -336,6 +393,7 @@ def demo(
     summary = result.summary
     console.print(f"{summary.total} jobs: {summary.reused} reused, {summary.computed} computed")
     console.print(f"store: {result.store}")
+    console.print(f"lm-eval's and other libraries' output: {log_file_beside(result.store)}")
     for path in result.files:
         console.print(f"written: {path}")
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
@@ -344,9 +402,11 @@ def demo(
 def _register_subcommands() -> None:
     from merge_harness.cli.analyze import analyze_app
     from merge_harness.cli.eval import eval_model
+    from merge_harness.cli.results import results_app
 
     app.command("eval")(eval_model)
     app.add_typer(analyze_app, name="analyze")
+    app.add_typer(results_app, name="results")
 
 
 _register_subcommands()

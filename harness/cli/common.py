@@ -102,12 +102,24 @@ def format_cell(value) -> str:
     return "" if value is None else str(value)
 
 
+PIPED_WIDTH = 10_000  # columns: wider than any table we print, and a table never pads to it
+
+
+def print_table(table: Table) -> None:
+    """A rich table on stdout. Piped or redirected, stdout has no width to fit, so the table is
+    printed as wide as its cells need: no value is folded mid-token for a script to parse."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(width=PIPED_WIDTH, soft_wrap=True).print(table)
+
+
 def print_frame(frame, title: str) -> None:
     """A results DataFrame as a rich table (rows = models, columns = task metrics)."""
     table = Table(title=title)
     table.add_column("model", style="bold", no_wrap=True)
-    for column in frame.columns:
-        table.add_column(str(column), justify="right")
+    for column in frame.columns:  # headers are never cut: a task name is read in full
+        table.add_column(str(column), justify="right", min_width=len(str(column)), overflow="fold")
     for label, row in frame.iterrows():
         table.add_row(str(label), *(format_cell(v) for v in row))
     console.print(table)

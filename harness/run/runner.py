@@ -22,8 +22,11 @@ from pathlib import Path
 import pandas as pd
 
 from merge_harness.core.errors import CheckpointError, ConfigError
+from merge_harness.core.progress import console as progress_console
 from merge_harness.core.progress import progress_bar
+from merge_harness.core.third_party import log_file_beside, third_party_output_to
 from merge_harness.io.models import resolve_model
+from merge_harness.reports import metrics
 from merge_harness.run.driver import Driver, Executor, LocalExecutor, RunSummary, Unit
 from merge_harness.run.experiment import Experiment, ModelJob, TaskJob, plan_jobs
 from merge_harness.run.job_identity import file_sha256
@@ -70,10 +73,11 @@ def run_experiment(
     executor: Executor | None = None,
     show_progress: bool = True,
     lease_s: float = DEFAULT_LEASE_S,
+    quiet_third_party: bool = True,
 ) -> RunSummary:
     store.ensure_experiment(experiment.name, experiment.model_dump(mode="json"))
     jobs = plan_jobs(experiment, store)
-    return run_jobs(experiment.name, jobs, store, executor, show_progress, lease_s)
+    return run_jobs(experiment.name, jobs, store, executor, show_progress, lease_s, quiet_third_party)
 
 
 def run_jobs(
@@ -83,13 +87,15 @@ def run_jobs(
     executor: Executor | None = None,
     show_progress: bool = True,
     lease_s: float = DEFAULT_LEASE_S,
+    quiet_third_party: bool = True,
 ) -> RunSummary:
     """Reuse finished jobs, check the input weights, run the rest on `executor`, record each result.
 
     The one job path of `run`, `eval` and the demo. A model with NaN/inf weights fails before any
     evaluation: its jobs (and those of merges built from it) are marked failed, and the
     `CheckpointError` naming file and tensor is raised. Claims last `lease_s` seconds and are
-    renewed every lease/4 while the run lasts.
+    renewed every lease/4 while the run lasts. With `quiet_third_party`, what lm-eval and the
+    other libraries print goes to the log file next to the store (`core/third_party.py`).
     """
     start = time.perf_counter()
     executor = executor or LocalExecutor()
@@ -98,7 +104,9 @@ def run_jobs(
     summary = RunSummary(experiment, total, reused, 0, labels=[job.label for job in jobs])
     check_input_weights(work, store)
     claims = Claims(store, lease_s=lease_s)
-    with progress_bar(total - reused, f"{experiment}: evaluating", show_progress) as advance:
+    log_file = log_file_beside(store.path) if quiet_third_party else None
+    with (third_party_output_to(log_file, keep=[progress_console]),
+          progress_bar(total - reused, f"{experiment}: evaluating", show_progress) as advance):
         driver = Driver(store, claims, summary, advance)
         try:
             with heartbeat(claims):
@@ -184,11 +192,17 @@ def check_finite_weights(path: Path, store: ResultStore | None) -> None:
 
 
 def summary_frame(store: ResultStore, experiment: str, order: Sequence[str] = ()) -> pd.DataFrame:
-    """Rows = models (in `order` first), columns = task + metric, values = scores: the end-of-run table."""
+    """The end-of-run table: rows = models (in `order` first), columns = tasks by their full
+    names, values = each task's primary metric in points, the metric and scale reports use."""
     frame = store.results_frame(experiment)
     if frame.empty:
         return frame
-    frame = frame.assign(column=frame["task"] + " " + frame["metric"])
-    table = frame.pivot_table(index="label", columns="column", values="value", aggfunc="first")
+    parts = []
+    for task, rows in frame.groupby("task"):
+        metric = metrics.primary_metric(str(task), rows["metric"].unique())
+        chosen = rows[rows["metric"] == metric]
+        parts.append(chosen.assign(value=chosen["value"] * metrics.points_per_unit(metric)))
+    table = pd.concat(parts).pivot_table(index="label", columns="task", values="value", aggfunc="first")
+    table.columns.name = None
     labels = [label for label in order if label in table.index]
     return table.reindex(labels + sorted(set(table.index) - set(labels)))

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,12 @@ from merge_harness.core.atomic import atomic_write_text
 from merge_harness.core.errors import HarnessError, StoreError
 from merge_harness.core.results import Coefficient, JobResult, Score
 from merge_harness.store.migrations import migrate
+from merge_harness.store.results_file import (
+    ImportConflict,
+    ImportOutcome,
+    ResultsFile,
+    read_results_jsonl,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,6 +71,12 @@ def _identity(result: JobResult) -> dict[str, Any]:
             "scores": sorted((s.task, s.metric, s.value, None if s.stderr != s.stderr else s.stderr,
                               s.samples) for s in result.scores),
             "coefficients": sorted((c.submodule, c.task, c.value) for c in result.coefficients)}
+
+
+def _differences(old: JobResult, new: JobResult) -> list[str]:
+    """The parts of `_identity` in which two results of one key disagree (empty: the same)."""
+    a, b = _identity(old), _identity(new)
+    return [name for name in b if a[name] != b[name]]
 
 
 class ResultStore:
@@ -166,6 +178,11 @@ class ResultStore:
                 "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                 "config_json = excluded.config_json, updated_at = excluded.updated_at",
                 (name, config_json, utc_now(), utc_now()))
+
+    def experiment_names(self) -> list[str]:
+        """Every experiment the store knows, in name order."""
+        with self._errors("listing experiments"):
+            return [name for (name,) in self._conn.execute("SELECT name FROM experiments ORDER BY name")]
 
     def _ensure_experiment_row(self, experiment: str) -> None:
         now = utc_now()
@@ -300,7 +317,7 @@ class ResultStore:
         if old == new:
             return self._add_to_experiment(r.key, r.experiment)
         if existing is not None and not replace:
-            differ = ", ".join(name for name in new if old[name] != new[name])
+            differ = ", ".join(_differences(existing, r))
             raise StoreError(
                 f"{self.path}: job {r.key} ({existing.model_label!r}, experiment "
                 f"{existing.experiment!r}) already has a different finished result (the "
@@ -392,19 +409,24 @@ class ResultStore:
 
     # -- pooling results between machines ------------------------------------------------------
 
-    def export_jsonl(self, path: Path | str, experiment: str | None = None) -> int:
-        """Write one JSON object (a whole JobResult) per finished job and experiment it serves.
+    def export_jsonl(self, path: Path | str, experiment: str | None = None,
+                     labels: Sequence[str] = ()) -> int:
+        """Write one JSON object (a whole JobResult) per finished job and experiment it serves;
+        with `labels`, only the jobs of those model labels.
 
         Written to a temporary file and renamed, so `path` is never half-written. Returns the
         number of lines.
         """
         path = Path(path)
+        where = (" AND l.experiment = ?" if experiment else "") + (
+            f" AND j.label IN ({', '.join('?' * len(labels))})" if labels else "")
         sql = ("SELECT j.key, l.experiment FROM jobs j JOIN experiment_jobs l ON l.job_key = j.key"
-               " WHERE j.status = 'done'" + (" AND l.experiment = ?" if experiment else "")
-               + " ORDER BY j.key, l.experiment != j.experiment, l.experiment")
+               f" WHERE j.status = 'done'{where}"
+               " ORDER BY j.key, l.experiment != j.experiment, l.experiment")
+        params = ((experiment,) if experiment else ()) + tuple(labels)
         lines = []
         with self._tx(f"exporting to {path}", write=False) as conn:
-            for key, exp in conn.execute(sql, (experiment,) if experiment else ()).fetchall():
+            for key, exp in conn.execute(sql, params).fetchall():
                 result = dataclasses.replace(self._load(key), experiment=exp)
                 lines.append(canonical_json(dataclasses.asdict(result), f"result of job {key}"))
         try:
@@ -413,34 +435,32 @@ class ResultStore:
             raise StoreError(f"cannot write the export {path}: {exc}") from exc
         return len(lines)
 
-    def import_jsonl(self, path: Path | str) -> tuple[int, int]:
-        """Import an `export_jsonl` file in one transaction: all lines or none.
+    def import_jsonl(self, source: ResultsFile | Path | str) -> ImportOutcome:
+        """Import an `export_jsonl` file (a path, or one `read_results_jsonl` read) in one transaction.
 
-        Returns (imported, skipped): a line whose job is already stored with identical content
-        is skipped (only its experiment is added). Conflicts and malformed lines raise
-        `StoreError` naming the line, and nothing is imported.
+        A line whose job is stored with identical content is skipped (only its experiment is
+        added); a line whose key is stored with other content (scores, label, spec or
+        coefficients) is a conflict: reported, never written, and the stored result is kept.
+        Every other line is imported. A malformed line raises `StoreError` before anything is
+        written (see `read_results_jsonl`).
         """
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StoreError(f"cannot read the results file {path}: {exc}") from exc
-        parsed = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
+        results = source if isinstance(source, ResultsFile) else read_results_jsonl(source)
+        imported, skipped, conflicts = 0, 0, []
+        with self._tx(f"importing {results.path}"):
+            for lineno, result in results.lines:
                 try:
-                    parsed.append((lineno, _result_from_json(line)))
-                except (ValueError, TypeError) as exc:
-                    raise StoreError(f"{path}:{lineno}: not a merge-harness job result ({exc}); "
-                                     "nothing was imported") from exc
-        imported = 0
-        with self._tx(f"importing {path}"):
-            for lineno, result in parsed:
-                try:
-                    imported += self._record(result, replace=False)
+                    existing = self._load(result.key)
+                    differ = _differences(existing, result) if existing else []
+                    if differ:
+                        conflicts.append(ImportConflict(lineno, result.key, existing.model_label,
+                                                        existing.experiment, tuple(differ)))
+                    elif self._record(result, replace=False):
+                        imported += 1
+                    else:
+                        skipped += 1
                 except (StoreError, sqlite3.Error) as exc:
-                    raise StoreError(f"{path}:{lineno}: {exc}; nothing was imported") from exc
-        return imported, len(parsed) - imported
+                    raise StoreError(f"{results.path}:{lineno}: {exc}; nothing was imported") from exc
+        return ImportOutcome(imported, skipped, tuple(conflicts))
 
 
 def merge_of(spec: Any) -> tuple[str | None, dict[str, Any]]:
@@ -462,25 +482,3 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + name] = canonical_json(value) if isinstance(value, list) else value
     return flat
-
-
-def _no_constants(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON (write NaN as null)")
-
-
-def _result_from_json(line: str) -> JobResult:
-    data = json.loads(line, parse_constant=_no_constants)
-    if not isinstance(data, dict):
-        raise ValueError("expected a JSON object")
-    if missing := {"key", "experiment", "model_label", "spec", "scores"} - data.keys():
-        raise ValueError(f"missing fields {sorted(missing)}")
-    if not all(isinstance(data[n], str) and data[n] for n in ("key", "experiment", "model_label")):
-        raise ValueError("key, experiment and model_label must be non-empty strings")
-    if not isinstance(data["spec"], dict):
-        raise ValueError("spec must be an object")
-    scores = [Score(**s) for s in data["scores"]]
-    coefficients = [Coefficient(**c) for c in data.get("coefficients") or []]
-    for item in [*scores, *coefficients]:
-        if isinstance(item.value, bool) or not isinstance(item.value, (int, float)):
-            raise ValueError(f"value {item.value!r} is not a number")
-    return JobResult(**{**data, "scores": scores, "coefficients": coefficients})

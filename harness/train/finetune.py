@@ -253,7 +253,10 @@ def train(
     show_progress: bool = True,
     description: str = "fine-tuning",
 ) -> list[float]:
-    """Train `model` in place on its current device; the mean answer-token loss of each step."""
+    """Train `model` in place on its current device; the mean answer-token loss of each step.
+
+    The progress bar shows each step's loss and the learning rate it trained at.
+    """
     torch.manual_seed(settings.seed)
     rows = encode_all(examples, tokenizer, settings.template, settings.max_length)
     named = select_trainable(model, settings.trainable)
@@ -276,11 +279,12 @@ def train(
                 step_loss += loss.item()
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for _, p in named], settings.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step trains at
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
-            advance()
+            advance(f"loss {step_loss:.4f}  lr {lr:.2e}")
     model.eval()
     for param in model.parameters():
         param.requires_grad_(True)

@@ -37,9 +37,23 @@ DEMO_METHODS: list[dict[str, Any]] = [
     {"method": "slta", "label": "SLTA (model)", "parameters": {"granularity": "model"}},
     {"method": "slta", "label": "SLTA (layer)", "parameters": {"granularity": "layer"}},
     {"method": "slta", "label": "SLTA (attn/MLP)", "parameters": {"granularity": "attn_mlp"}},
+    {"method": "multislerp", "parameters": {"weight": 1.0}},
+    {"method": "karcher"},
+    {"method": "sce"},
+    {"method": "ram"},
+    {"method": "ramplus_tl"},
 ]
-# SLERP interpolates two models: the base and one fine-tune (the first one), halfway.
-SLERP = {"method": "slerp", "label": "slerp (base-{first}, t=0.5)", "parameters": {"t": 0.5}}
+# Methods of one or two models take the first fine-tune(s) ({first}, {second}: their names).
+PAIRWISE: list[dict[str, Any]] = [
+    # SLERP interpolates two models: the base and the first fine-tune, halfway.
+    {"method": "slerp", "label": "slerp (base-{first}, t=0.5)", "parameters": {"t": 0.5}, "finetunes": 1},
+    {"method": "nuslerp", "label": "nuslerp ({first}+{second})", "parameters": {"weight": 0.5},
+     "finetunes": 2},
+    {"method": "nearswap", "label": "nearswap (base-{first}, t=0.05)", "parameters": {"t": 0.05},
+     "finetunes": 1},
+    {"method": "arcee_fusion", "label": "arcee_fusion (base-{first})", "finetunes": 1},
+    {"method": "passthrough", "label": "passthrough ({first})", "finetunes": 1},
+]
 
 
 @dataclass
@@ -51,11 +65,14 @@ class DemoResult:
     summary: RunSummary
 
 
-def demo_methods(first_finetune: str) -> list[MethodRun]:
+def demo_methods(finetunes: list[str]) -> list[MethodRun]:
     """Every registered method: the demo's settings for built-ins, defaults for plugins."""
     runs = [MethodRun.model_validate(spec) for spec in DEMO_METHODS]
-    slerp = {**SLERP, "label": SLERP["label"].format(first=first_finetune), "finetunes": [first_finetune]}
-    runs.append(MethodRun.model_validate(slerp))
+    names = {"first": finetunes[0], "second": finetunes[1 % len(finetunes)]}
+    for spec in PAIRWISE:
+        chosen = list(dict.fromkeys(finetunes[: spec["finetunes"]]))
+        label = spec["label"].format(**names)
+        runs.append(MethodRun.model_validate({**spec, "label": label, "finetunes": chosen}))
     covered = {run.method for run in runs}
     runs += [MethodRun(method=name) for name in method_registry() if name not in covered]
     return runs
@@ -86,9 +103,11 @@ def demo_experiment(
             "name": name,
             "base_model": str(zoo.base),
             "finetunes": finetunes,
-            "methods": [run.model_dump(exclude_defaults=True) for run in demo_methods(next(iter(finetunes)))],
+            "methods": [run.model_dump(exclude_defaults=True) for run in demo_methods(list(finetunes))],
             "tasks": list(zoo.tasks.values()),
-            "evaluation": {"apply_chat_template": True, "batch_size": 64, "limit": limit},
+            # per-sample logs: the report's paired test of each merge against task arithmetic
+            "evaluation": {"apply_chat_template": True, "batch_size": 64, "limit": limit,
+                           "log_samples": True},
         }
     )
 
