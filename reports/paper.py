@@ -198,9 +198,14 @@ def _match(table: ComparisonTable, row: PaperRow) -> tuple[str | None, str]:
                  if all(str(meta.at[r, "params"].get(k)) == str(v) for k, v in row.parameters.items())]
     if len(found) <= 1:
         return (found[0] if found else None), ""
+    held_out = [r for r in found if meta.at[r, "chosen"] == "held-out"]
+    if held_out:  # never pick by test scores when a row was chosen on held-out data
+        chosen = held_out[0]
+        return chosen, f"{row.label}: the row chosen on held-out train rows ({meta.at[chosen, 'title']})"
     averages = table.blocks[0].values.loc[found, AVERAGE]
     best = averages.idxmax() if averages.notna().any() else found[0]
-    return best, f"{row.label}: best of {len(found)} measured rows by average ({meta.at[best, 'title']})"
+    return best, (f"{row.label}: best of {len(found)} measured rows by average on test, an oracle "
+                  f"choice ({meta.at[best, 'title']})")
 
 
 def fill(spec: PaperSpec, model_set: ModelSet, results: pd.DataFrame | None) -> pd.DataFrame:
@@ -255,7 +260,8 @@ def render_markdown(spec: PaperSpec, results: Mapping[str, pd.DataFrame | None],
         lines += ["", f"## {model_set.name} (experiment `{model_set.experiment}`)", "",
                   "| Model | " + " | ".join(header) + " |", "|:--|" + "--:|" * len(header)]
         for label, row in cells.iterrows():
-            parts = [_text(row[(c, part)], part == "delta", NOT_TRANSCRIBED if part == "paper" else "–")
+            unfilled = NOT_TRANSCRIBED if model_set.reference is not None else "–"  # none exists
+            parts = [_text(row[(c, part)], part == "delta", unfilled if part == "paper" else "–")
                      for c in columns for part in ("measured", "paper", "delta")]
             lines.append(f"| {label} | " + " | ".join(parts) + " |")
         lines += ["", *_set_notes(spec, model_set, cells, store_path)]

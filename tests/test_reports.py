@@ -502,3 +502,18 @@ def test_the_demo_paper_spec_names_the_demo_experiment_and_its_tasks():
     (model_set,) = spec.model_sets
     assert model_set.experiment == "demo-toy"  # what `merge-harness demo` names its experiment
     assert {t.name for t in spec.tasks} == set(model_set.finetunes.values()) == set(LMEVAL_TASKS.values())
+
+
+def test_a_paper_row_prefers_the_held_out_choice_over_the_best_on_test(tmp_path):
+    path = build_store(tmp_path / "s.sqlite", labels=["pre-trained", "math", "task_arithmetic (lambda=0.3)",
+                                                      "task_arithmetic (lambda=1.0)"])
+    with ResultStore(path) as store:
+        frame = store.results_frame(EXPERIMENT)
+    meta = frame[frame["label"] == "task_arithmetic (lambda=0.3)"].iloc[0]
+    spec = json.loads(meta["spec_json"])
+    spec["selected"] = {"by": "held-out", "parameter": "lambda", "value": 0.3, "metric": "ll", "score": 0.0}
+    frame.loc[frame["label"] == "task_arithmetic (lambda=0.3)", "spec_json"] = json.dumps(spec)
+    loaded = paper.load_spec(write_spec(tmp_path / "spec.yaml"))
+    cells = paper.fill(loaded, loaded.model_sets[0], frame)
+    assert cells.at["Task Arithmetic", ("gsm8k_fixture", "measured")] == pytest.approx(22.0)  # not 30 (best)
+    assert any("chosen on held-out train rows" in note for note in cells.attrs["notes"])
