@@ -158,13 +158,13 @@ class MergeResults:
 
     def table(self) -> str:
         header = (
-            f"{'method':<16}{'ours s':>9}{'mk s':>9}{'ratio':>7}{'target':>8}{'cpu r':>7}"
+            f"{'method':<30}{'ours s':>9}{'mk s':>9}{'ratio':>7}{'target':>8}{'cpu r':>7}"
             f"{'ours MB':>9}{'mk MB':>9}{'ratio':>7}{'target':>8}{'load':>7}"
         )
         lines = [header, "-" * len(header)]
         for r in self.rows:
             lines.append(
-                f"{r['method']:<16}{r['ours_s']:>9.2f}{r['mergekit_s']:>9.2f}{r['time_ratio']:>7.2f}"
+                f"{r['method']:<30}{r['ours_s']:>9.2f}{r['mergekit_s']:>9.2f}{r['time_ratio']:>7.2f}"
                 f"{_target(r['time_target']):>8}{r['cpu_ratio']:>7.2f}{r['ours_peak_rss_mb']:>9.0f}"
                 f"{r['mergekit_peak_rss_mb']:>9.0f}{r['rss_ratio']:>7.2f}"
                 f"{_target(r['rss_target']):>8}{r['load_1min_median']:>7.2f}"

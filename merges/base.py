@@ -50,6 +50,8 @@ class MergeMethod:
     `base_role`: "required" methods get the base and the *other* models as `tensors`; "optional"
     methods (nuslerp, karcher) the same when a base is given, else `base=None`; "unused" methods
     (linear, passthrough) get every listed model as `tensors` and `base=None`.
+    `elementwise`: each output entry depends only on the same entry of the inputs (and no random
+    draws), so the engine may merge a large tensor a block of rows at a time, with the same result.
     """
 
     name: str
@@ -62,6 +64,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    elementwise: bool = False
     merge_tensor: TensorMergeFn | None = None
     merge_model: Callable[..., Any] | None = None
 

@@ -48,5 +48,6 @@ METHOD = MergeMethod(
     model_params=WeightParams,
     base_role="unused",
     min_models=1,
+    elementwise=True,
     merge_tensor=linear,
 )

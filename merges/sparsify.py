@@ -14,8 +14,9 @@ mergekit keeps: the first k of `torch.argsort(|tau|, descending=True)` (TIES), p
 That order is torch's CPU introsort (not stable: it is neither lowest- nor highest-index first, but
 it is deterministic for a given input and torch build, and mergekit calls the same function, so the
 two agree on any build). DELLA's ranks are `argsort(argsort(|tau|))` per row on the CPU, likewise.
-The sort is only paid when a tie straddles a cut: otherwise an O(n) selection finds the cut and
-the kept set is the only one any sort can give.
+No full sort is paid: without a tie straddling a cut an O(n) selection finds the cut and the
+kept set is the only one any sort can give; with one, `merge_harness.merges.introsort` replays
+the partitions of torch's sort that decide the cut (O(n), the same set as the sort).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from merge_harness.merges.introsort import window_indices
 
 RescaleNorm = Literal["l1", "inverse_density"]
 
@@ -46,12 +49,18 @@ def sorted_window_mask(magnitudes: torch.Tensor, start: int, count: int, descend
 
     mergekit takes `argsort(descending=True)[:k]` for TIES and `sort().indices[a:b]` for
     Breadcrumbs; torch's CPU sort is not stable, so the direction changes which tied entries come
-    first and is kept as mergekit calls it.
+    first and is kept as mergekit calls it. The partitions that decide the window are replayed
+    (`window_indices`); only where that replay gives up (introsort's depth limit) is the sort run.
     """
     flat = magnitudes.reshape(-1).to(device="cpu", dtype=torch.float32)
-    order = torch.sort(flat, descending=descending).indices
+    keys = np.negative(flat.numpy()) if descending else flat.numpy().copy()  # desc.: a > b is -a < -b
+    chosen = window_indices(keys, start, start + count)
+    if chosen is None:
+        chosen = torch.sort(flat, descending=descending).indices[start : start + count]
+    else:
+        chosen = torch.from_numpy(chosen)
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[start : start + count]] = True
+    mask[chosen] = True
     return mask.reshape(magnitudes.shape).to(magnitudes.device)
 
 

@@ -39,8 +39,7 @@ from merge_harness.merges.sparsify import (
 )
 from merge_harness.merges.task_vectors import (
     broadcast_weights,
-    disjoint_merge,
-    elect_sign,
+    consensus_merge,
     task_vectors,
     weighted_task_sum,
 )
@@ -147,10 +146,9 @@ def generalized_task_arithmetic(
                 sparse = rescale(sparse, deltas[index], p.density, params.rescale_norm)
             deltas[index] = sparse
     weights = broadcast_weights([p.weight for p in model_params], deltas)  # (T, 1, ...)
+    if recipe.consensus is not None:  # elect_sign + disjoint_merge, block by block
+        return _finish(consensus_merge(deltas, weights, recipe.consensus, params.normalize), base, params)
     deltas *= weights
-    if recipe.consensus is not None:
-        mask = elect_sign(deltas, recipe.consensus)
-        return _finish(disjoint_merge(deltas, weights, mask, params.normalize), base, params)
     return _finish(deltas.sum(dim=0), base, params, weights.sum() if params.normalize else None)
 
 
@@ -197,6 +195,7 @@ def variant(
         params=params,
         model_params=model_params,
         random=random,
+        elementwise=sparsifier is None and consensus is None,  # plain task arithmetic
         merge_tensor=partial(generalized_task_arithmetic, recipe=Recipe(sparsifier, consensus)),
     )
 

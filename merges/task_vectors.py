@@ -10,6 +10,9 @@ from typing import Literal
 
 import torch
 
+# Entries per block in `consensus_merge`: its (T, block) temporaries stay in the CPU's cache.
+BLOCK = 1 << 16
+
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """tau_t = theta_t - theta_0, stacked to (T, *S) in float32 (float64 stays float64)."""
@@ -69,3 +72,21 @@ def disjoint_merge(
         divisor[divisor == 0] = 1
         merged /= divisor
     return merged
+
+
+def consensus_merge(
+    deltas: torch.Tensor, weights: torch.Tensor, method: Literal["sum", "count"], normalize: bool
+) -> torch.Tensor:
+    """TIES steps 2 and 3 on task vectors (T, *S) and weights (T, 1, ..., 1): weight them, elect
+    signs, disjoint-merge. Every step is per entry, so it runs block by block over the entries:
+    the same numbers as `disjoint_merge(w * deltas, w, elect_sign(w * deltas))` on the whole
+    tensor, with (T, BLOCK) temporaries instead of five (T, *S) ones. `deltas` is scaled in place.
+    """
+    flat = deltas.reshape(len(deltas), -1)  # (T, n), a view
+    column = weights.reshape(-1, 1)  # (T, 1)
+    merged = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    for start in range(0, flat.shape[1], BLOCK):
+        block = flat[:, start : start + BLOCK].mul_(column)
+        mask = elect_sign(block, method)
+        merged[start : start + BLOCK] = disjoint_merge(block, column, mask, normalize)
+    return merged.reshape(deltas.shape[1:])

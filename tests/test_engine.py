@@ -255,9 +255,9 @@ def test_reads_ahead_on_a_second_thread_with_the_same_result(tiny_zoo, monkeypat
     threads = []
     real = engine.read_inputs
 
-    def recording(plan, task, device="cpu"):
+    def recording(plan, task, device="cpu", rows=None):
         threads.append(threading.current_thread().name)
-        return real(plan, task, device)
+        return real(plan, task, device, rows)
 
     plan = engine.build_plan(ties_config(tiny_zoo))
     serial = {t.info.name: engine.merge_inputs(plan, t, real(plan, t)) for t in plan.tasks}
@@ -267,6 +267,25 @@ def test_reads_ahead_on_a_second_thread_with_the_same_result(tiny_zoo, monkeypat
     assert len(threads) == len(serial)  # every tensor read exactly once
     for name, tensor in serial.items():
         assert torch.equal(overlapped[name], tensor), name
+
+
+def test_elementwise_methods_merge_large_tensors_in_row_blocks_with_the_same_result(tiny_zoo, monkeypatch):
+    import merge_harness.merge.engine as engine
+
+    weights = (0.3, 0.5, 0.7)
+    models = [{"model": str(tiny_zoo[f"ft{i}"]), "parameters": {"weight": w}} for i, w in enumerate(weights)]
+    config = MergeConfig.model_validate(
+        {"method": "task_arithmetic", "base_model": str(tiny_zoo["base"]), "models": models,
+         "parameters": {"lambda": 0.8}}
+    )
+    whole = merge_state_dict(config).state
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 256)  # every matrix in blocks of a few rows
+    plan = engine.build_plan(config)
+    assert any(len(engine.row_blocks(plan, task)) > 2 for task in plan.tasks)
+    blocked = merge_state_dict(config).state
+    assert whole.keys() == blocked.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(blocked[name], tensor), name
 
 
 def test_read_at_completes_reads_the_kernel_cuts_short(tmp_path, monkeypatch):

@@ -68,6 +68,22 @@ def test_hand_tied_breadcrumbs_case_cuts_ties_at_both_ends():
     assert torch.equal(kept, mk.magnitude_outliers(tau, 0.4, gamma=0.2))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_replayed_sort_window_is_torchs_sorted_set(seed):
+    """`window_indices` replays only the partitions of torch's CPU sort that decide a window."""
+    from merge_harness.merges.introsort import window_indices
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 40, (20_000 + seed * 777,), generator=g).float()
+    for descending in (True, False):
+        order = torch.sort(values, descending=descending).indices
+        keys = (-values if descending else values).numpy().copy()
+        start, stop = (0, 9_000) if descending else (3_000, 15_000)
+        chosen = window_indices(keys, start, stop)
+        assert chosen is not None
+        assert set(chosen.tolist()) == set(order[start:stop].tolist())
+
+
 # ------------------------------------------------------------- heavily tied tensors, vs mergekit
 
 TIED_INPUTS = {

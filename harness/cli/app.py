@@ -183,7 +183,6 @@ def merge(
     """
     from merge_harness.merge.config import load_merge_config
     from merge_harness.merge.engine import DEFAULT_SHARD_BYTES, merge_to_disk
-    from merge_harness.merge.plan import build_plan
 
     for arg in ctx.args:
         option = arg.split("=", 1)[0]
@@ -203,12 +202,12 @@ def merge(
     updates = {k: v for k, v in overrides.items() if v is not None}
     if updates:
         merge_config = merge_config.model_validate({**merge_config.model_dump(by_alias=True), **updates})
-    for note in build_plan(merge_config, allow_crimes=allow_crimes).notes:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     outcome = merge_to_disk(
         merge_config, out, force=force, max_shard_bytes=shard_bytes, show_progress=not quiet,
         copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, allow_crimes=allow_crimes,
     )
+    for note in outcome.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     console.print(
         f"merged {outcome.tensors} tensors with [bold]{merge_config.method}[/] in "
         f"{outcome.seconds:.1f} s -> {outcome.out_dir}"

@@ -128,8 +128,8 @@ class Checkpoint:
         archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
         return str(archs[0])
 
-    def read(self, name: str) -> torch.Tensor:
-        """Load one tensor into its own memory.
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Load one tensor, or the block `rows` of its first dimension, into its own memory.
 
         Safetensors data is read with plain file reads, not through a memory map: pages of a
         mapped file count towards the process's resident memory for as long as the map lives,
@@ -140,14 +140,21 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
         if info.file.suffix == ".bin":
-            return _bin_state(info.file)[name]
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            tensor = _bin_state(info.file)[name]
+            return tensor if rows is None else tensor[rows].clone()
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:  # rows of a row-major tensor are one contiguous byte range
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            start, stop, _ = rows.indices(shape[0])
+            shape, offset = (stop - start, *shape[1:]), offset + start * row_bytes
+            nbytes = (stop - start) * row_bytes
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
         handle = self._handle(info.file)
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch's allocator aligns for SIMD kernels
-        if read_at(handle, memoryview(raw.numpy()), info.offset) != info.nbytes:
+        raw = torch.empty(nbytes, dtype=torch.uint8)  # torch's allocator aligns for SIMD kernels
+        if read_at(handle, memoryview(raw.numpy()), offset) != nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-        return raw.view(info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(shape)
 
     def _handle(self, file: Path) -> BinaryIO:
         with self._open_lock:  # the engine reads ahead on a second thread

@@ -3,14 +3,17 @@
 Per-tensor methods run one output tensor at a time: read that tensor from each input, merge in
 float32 on the chosen device, cast to the output dtype, hand it to a sink (the shard writer or a
 state dict) and drop it. Peak memory is therefore about one tensor per input model, whatever the
-model size. Random methods draw from a CPU generator seeded by (seed, tensor name), so results do
-not depend on the order or the subset of tensors merged, nor on the device.
+model size; elementwise methods (task arithmetic, linear) read and merge a large tensor a block
+of rows at a time, so theirs is about one output tensor plus a few blocks. Random methods draw
+from a CPU generator seeded by (seed, tensor name), so results do not depend on the order or the
+subset of tensors merged, nor on the device.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,20 +44,22 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
 
 @dataclass
 class TensorInputs:
-    """What one output tensor is made from, read from the checkpoints (see `read_inputs`)."""
+    """What one output tensor (or a block of its rows) is made from, read from the checkpoints."""
 
     base: torch.Tensor | None
     tensors: list[torch.Tensor]
     passthrough: torch.Tensor | None = None  # set for tensors copied unchanged from the base
 
 
-def read_inputs(plan: MergePlan, task: TensorTask, device: str = "cpu") -> TensorInputs:
-    """Read one output tensor's inputs, NaN/inf-checked and on `device`."""
+def read_inputs(
+    plan: MergePlan, task: TensorTask, device: str = "cpu", rows: slice | None = None
+) -> TensorInputs:
+    """Read one output tensor's inputs (only `rows` of each, if given), NaN/inf-checked, on `device`."""
     if task.params is None:  # integer buffers and the like pass through unchanged
         source = task.base or task.sources[0]
         return TensorInputs(None, [], source.checkpoint.read(source.name))
-    base = _read_checked(task.base, device) if task.base else None
-    return TensorInputs(base, [_read_checked(source, device) for source in task.sources])
+    base = _read_checked(task.base, device, rows) if task.base else None
+    return TensorInputs(base, [_read_checked(source, device, rows) for source in task.sources])
 
 
 def merge_inputs(plan: MergePlan, task: TensorTask, inputs: TensorInputs) -> torch.Tensor:
@@ -80,40 +85,80 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def _read_checked(source: TensorSource, device: str) -> torch.Tensor:
-    tensor = source.checkpoint.read(source.name).to(device)
+def _read_checked(source: TensorSource, device: str, rows: slice | None = None) -> torch.Tensor:
+    tensor = source.checkpoint.read(source.name, rows).to(device)
     if not all_finite(tensor):
         raise CheckpointError(f"{source.file}: tensor {source.name!r} contains NaN or inf")
     return tensor
 
 
-def input_bytes(plan: MergePlan, task: TensorTask) -> int:
-    """Bytes `read_inputs` holds for `task`: one tensor per input."""
-    return task.info.nbytes * (len(task.sources) + (task.base is not None))
+# An elementwise method merges a tensor larger than this per input in blocks of about this size:
+# the inputs of a block stay in the CPU's cache and peak memory is the output plus a few blocks.
+BLOCK_BYTES = 4 * 1024**2
+# Read-ahead may always hold this much besides the piece being merged (two blocks, say).
+READ_AHEAD_BYTES = 64 * 1024**2
+
+
+def row_blocks(plan: MergePlan, task: TensorTask) -> list[slice | None]:
+    """The pieces `task` is merged in: [None] (whole), or blocks of rows for elementwise methods.
+
+    Blocks hold a multiple of 64 entries, so every entry goes through the same vectorised kernel
+    path as when the tensor is merged whole (bit-identical results)."""
+    shape = task.info.shape
+    sources = (*([task.base] if task.base else []), *task.sources)
+    if (not plan.method.elementwise or task.params is None or len(shape) == 0
+            or any(s.checkpoint.tensors[s.name].file.suffix != ".safetensors" for s in sources)):
+        return [None]
+    row_entries = max(1, task.info.nbytes // task.info.dtype.itemsize // max(shape[0], 1))
+    row_bytes = max(s.checkpoint.tensors[s.name].nbytes for s in sources) // max(shape[0], 1)
+    step = 64 // math.gcd(row_entries, 64)  # rows per 64-entry multiple
+    rows = max(step, BLOCK_BYTES // max(row_bytes, 1) // step * step)
+    if rows >= shape[0]:
+        return [None]
+    return [slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+
+def piece_bytes(plan: MergePlan, task: TensorTask, rows: slice | None) -> int:
+    """Bytes `read_inputs` holds for one piece of `task`: one tensor (or block) per input."""
+    whole = task.info.nbytes * (len(task.sources) + (task.base is not None))
+    if rows is None:
+        return whole
+    return whole * (rows.stop - rows.start) // task.info.shape[0]
 
 
 def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """Merged tensors in plan order, reading the next tensor's inputs while this one merges.
+    """Merged tensors in plan order, reading the next piece's inputs while this one merges.
 
-    File reads release the GIL, so a reader thread overlaps IO with the arithmetic. It reads
-    ahead only while the inputs of both tensors fit in what the largest tensor needs anyway, so
-    the peak memory of a merge is that of a strictly serial one.
+    A piece is a whole tensor or, for elementwise methods, a block of its rows (`row_blocks`),
+    merged into the output tensor in place. File reads release the GIL, so a reader thread
+    overlaps IO with the arithmetic. It reads ahead only while the inputs of both pieces fit in
+    what the largest piece needs anyway (or in READ_AHEAD_BYTES), so the peak memory of a merge
+    is about that of a strictly serial one.
     """
-    tasks = plan.tasks
-    budget = max((input_bytes(plan, t) for t in tasks), default=0)
+    pieces = [(task, rows) for task in plan.tasks for rows in row_blocks(plan, task)]
+    sizes = [piece_bytes(plan, task, rows) for task, rows in pieces]
+    budget = max([READ_AHEAD_BYTES, *sizes])
     with (
-        progress_bar(len(tasks), f"merging ({plan.method.name})", show_progress) as advance,
+        progress_bar(len(plan.tasks), f"merging ({plan.method.name})", show_progress) as advance,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as reader,
     ):
         ahead: Future[TensorInputs] | None = None
-        for index, task in enumerate(tasks):
-            inputs = ahead.result() if ahead is not None else read_inputs(plan, task, device)
+        output: torch.Tensor | None = None
+        for index, (task, rows) in enumerate(pieces):
+            inputs = ahead.result() if ahead is not None else read_inputs(plan, task, device, rows)
             ahead = None
-            following = tasks[index + 1] if index + 1 < len(tasks) else None
-            if following is not None and input_bytes(plan, task) + input_bytes(plan, following) <= budget:
-                ahead = reader.submit(read_inputs, plan, following, device)
+            if index + 1 < len(pieces) and sizes[index] + sizes[index + 1] <= budget:
+                next_task, next_rows = pieces[index + 1]
+                ahead = reader.submit(read_inputs, plan, next_task, device, next_rows)
             merged = merge_inputs(plan, task, inputs)  # on error, leaving the block waits for the read
             del inputs
+            if rows is not None:
+                if rows.start == 0:
+                    output = torch.empty(task.info.shape, dtype=merged.dtype, device=merged.device)
+                output[rows] = merged
+                if rows.stop < task.info.shape[0]:
+                    continue
+                merged, output = output, None
             yield task.info.name, merged
             advance()
 
@@ -165,8 +210,7 @@ def merge_to_disk(
     writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
     try:
         if calibrated is None:
-            for name, tensor in iter_merged(plan, config.device, show_progress):
-                writer.write(name, tensor)
+            write_behind(iter_merged(plan, config.device, show_progress), writer)
         else:
             for task in plan.tasks:
                 writer.write(task.info.name, calibrated.state.pop(task.info.name))
@@ -175,11 +219,27 @@ def merge_to_disk(
         writer.abort()
         raise
     outcome = MergeOutcome(None, Path(out_dir), time.perf_counter() - start, len(plan.tasks))
+    outcome.notes = list(plan.notes)
     if calibrated is not None:
         outcome.coefficients = calibrated.coefficients
         outcome.forward_passes = calibrated.forward_passes
         _write_coefficients(plan, outcome, Path(out_dir))
     return outcome
+
+
+def write_behind(merged: Iterator[tuple[str, torch.Tensor]], writer: ShardedWriter) -> None:
+    """Write each merged tensor on a second thread while the next one merges (one write in flight:
+    at most one finished tensor waits besides the one being merged). File writes release the GIL."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer") as thread:
+        pending: Future[None] | None = None
+        try:
+            for name, tensor in merged:
+                if pending is not None:
+                    pending.result()
+                pending = thread.submit(writer.write, name, tensor)
+        finally:
+            if pending is not None:
+                pending.result()
 
 
 def _files_beside_weights(plan: MergePlan, name: str, write_model_card: bool) -> dict[str, str]:

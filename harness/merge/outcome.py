@@ -23,3 +23,4 @@ class MergeOutcome:
     tokenizer_dir: Path | None = None  # where its tokenizer files come from
     # model-level methods: full-forward equivalents run, per "model@task" calibration set
     forward_passes: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # config keys accepted without effect (the plan's)
