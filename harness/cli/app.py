@@ -387,7 +387,8 @@ def demo(
     with ResultStore(result.store) as store:
         frame = comparison_frame(store, result.experiment)
     hidden = ("kind", "method", "hyper-parameters", "Merge (s)", "Peak RSS (MB)")  # all in the report
-    scores = frame.drop(columns=[c for c in hidden if c in frame.columns])
+    extra = (" (se)", " (p vs baseline)")  # the report has them; the console shows the scores
+    scores = frame.drop(columns=[c for c in frame.columns if c in hidden or c.endswith(extra)])
     print_frame(scores.round(1), f"{result.experiment}: scores in points (0-100; BLEU for translation)")
     summary = result.summary
     console.print(f"{summary.total} jobs: {summary.reused} reused, {summary.computed} computed")

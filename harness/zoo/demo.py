@@ -146,6 +146,8 @@ def run_demo(
 
     `threads`: torch CPU threads (default: `zoo_threads`).
     """
+    from merge_harness.core.progress import console as progress_console
+    from merge_harness.core.third_party import log_file_beside, third_party_output_to
     from merge_harness.io.models import torch_threads
     from merge_harness.reports.commands import write_report
     from merge_harness.run.runner import run_experiment
@@ -153,11 +155,12 @@ def run_demo(
     from merge_harness.zoo.zoos import held_out_pairs, write_pairs
 
     out = Path(out)
-    zoo = build_demo_zoo(zoo_kind, zoo_root, size, show_progress)
+    store_path = out / "results.sqlite"
+    with third_party_output_to(log_file_beside(store_path), keep=[progress_console]):  # training's output too
+        zoo = build_demo_zoo(zoo_kind, zoo_root, size, show_progress)
     name = f"demo-{zoo_kind}" + ("" if size == "toy" else f"-{size}") + (f"-limit{limit}" if limit else "")
     held_out = write_pairs(out / "held_out", held_out_pairs(zoo, HELD_OUT_ROWS), "held_out")
     experiment = demo_experiment(zoo, name=name, limit=limit, held_out=held_out)
-    store_path = out / "results.sqlite"
     with ResultStore(store_path) as store, torch_threads(zoo_threads(zoo_kind, threads)):
         summary = run_experiment(experiment, store, show_progress=show_progress)
         if summary.failed:
