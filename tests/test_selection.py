@@ -149,3 +149,14 @@ def test_diagnostics_select_and_score_on_disjoint_rows(ci_zoo, tmp_path):
         assert len(chosen_on) == len(scored_on) == 5
         assert not chosen_on & scored_on and not (chosen_on | scored_on) & trained_on
         assert read_test_rows(task)  # and the test rows stay out of both (train_pairs excludes them)
+
+
+def test_a_searched_grid_the_method_refuses_is_a_planning_error(ci_zoo, tmp_path):
+    from merge_harness.run.experiment import plan_jobs
+    from merge_harness.zoo.zoos import held_out_pairs, write_pairs
+
+    zoo, _ = ci_zoo
+    held_out = write_pairs(tmp_path, held_out_pairs(zoo, 8), "held_out")
+    experiment = zoo_experiment(zoo, held_out, [{"method": "ties", "search": {"parameter": "density"}}])
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.search\.grid: grid: density = 0 is not valid"):
+        plan_jobs(experiment)  # the default grid starts at 0, which density refuses

@@ -56,7 +56,7 @@ from merge_harness.run.job_identity import (
     model_identity,
     plain_settings,
 )
-from merge_harness.selection.grid import Chosen, HeldOutSearch
+from merge_harness.selection.grid import Chosen, HeldOutSearch, check_grid
 from merge_harness.store.database import ResultStore, content_key
 
 STRICT = ConfigDict(extra="forbid")
@@ -350,6 +350,10 @@ def plan_jobs(
 
     with field_errors(experiment, "tasks"):
         check_tasks([t.name for t in experiment.task_runs()])
+    for index, run in enumerate(experiment.methods):  # a searched grid the method refuses: said first
+        if run.search:
+            with field_errors(experiment, "methods", index, "search", "grid"):
+                check_grid(run.method, run.search.parameter, run.search.grid, where="grid")
     if identify:
         check_weights(experiment)  # headers only: before any file is hashed or job started
     identities: dict[str, dict[str, Any]] = {}
