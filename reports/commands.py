@@ -14,7 +14,6 @@ and the experiments it holds.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections.abc import Sequence
@@ -57,23 +56,22 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
 
-def _with_normalized(store: ResultStore, table: ComparisonTable, options: TableOptions) -> ComparisonTable:
+def _with_normalized(store: ResultStore, table: ComparisonTable) -> ComparisonTable:
     """`table`, with the normalized block the score heatmap is coloured by when the experiment
     maps its fine-tunes to the tasks (else `table` as it is: the heatmap is coloured by points)."""
-    if table.block("normalized") is not None:
-        return table
     try:
-        return comparison_table(store, table.experiment, dataclasses.replace(options, normalized=True))
+        config = source.experiment_config(store, table.experiment)
+        return table.with_normalized(source.finetune_tasks(config))
     except ConfigError:
         return table
 
 
-def _figures(store: ResultStore, table: ComparisonTable, options: TableOptions,
+def _figures(store: ResultStore, table: ComparisonTable,
              out_dir: Path | None) -> tuple[list[tuple[str, str]], list[Path]]:
     """(caption, SVG data URI) per figure of one experiment, and its PNG/SVG files if `out_dir`."""
     results, stem = store.results_frame(table.experiment), _file_stem(table.experiment)
     figures = [(f"{stem}_scores", f"{table.experiment}: score per task (colour: % of the fine-tune)",
-                plots.score_heatmap(_with_normalized(store, table, options)))]
+                plots.score_heatmap(_with_normalized(store, table)))]
     for label, coefficients in source.coefficients_for(store, results).items():
         title = table.rows.at[label, "title"] if label in table.rows.index else label
         figures.append((f"{stem}_coefficients_{_file_stem(title)}",
@@ -124,7 +122,7 @@ def write_report(store: ResultStore, experiment: str | None, out_dir: Path,
     figures: list[tuple[str, str]] = []
     if with_plots or "html" in formats:
         for table in tables:
-            embedded, files = _figures(store, table, options, out_dir if with_plots else None)
+            embedded, files = _figures(store, table, out_dir if with_plots else None)
             written += files
             figures += embedded
     if "html" in formats:
@@ -134,11 +132,8 @@ def write_report(store: ResultStore, experiment: str | None, out_dir: Path,
             versions = source.job_versions(store, results["key"].unique())
             details.update({(table.experiment, label): detail
                             for label, detail in job_details(results, versions).items()})
-        leaderboard = tables
-        if stderr is None:  # on by default on the leaderboard, where there is room for it
-            leaderboard = [comparison_table(store, name, dataclasses.replace(options, stderr=True))
-                           for name in names]
-        page = render_html(leaderboard, details, figures)
+        shown = True if stderr is None else stderr  # on by default on the leaderboard: it has room
+        page = render_html([table.showing_stderr(shown) for table in tables], details, figures)
         written.append(atomic_write_text(out_dir / LEADERBOARD, page))
     return written
 

@@ -119,6 +119,22 @@ class ComparisonTable:
     def block(self, name: str) -> Block | None:
         return next((b for b in self.blocks if b.name == name), None)
 
+    def with_normalized(self, finetune_tasks: Mapping[str, str]) -> ComparisonTable:
+        """The table with a normalized block (from its own scores; nothing is re-read), as a
+        report without `--normalized` still colours its heatmap by it. ConfigError when the
+        fine-tune -> task mapping names none of the table's tasks."""
+        if self.block("normalized") is not None:
+            return self
+        normalized = _normalized_block(self.blocks[0], self.columns, self.rows, finetune_tasks)
+        _best(normalized, _competing(self.rows))
+        return dataclasses.replace(self, blocks=[self.blocks[0], normalized, *self.blocks[1:]])
+
+    def showing_stderr(self, shown: bool = True) -> ComparisonTable:
+        """The same table with its scores' "± se" shown or hidden (a display choice: nothing
+        is recomputed)."""
+        blocks = [dataclasses.replace(b, show_stderr=shown) if b.name == "score" else b for b in self.blocks]
+        return dataclasses.replace(self, blocks=blocks)
+
     def parameter_notes(self) -> list[str]:
         """'TIES: density=0.5, lambda=1' for each merge whose title does not say it all."""
         return [f"{r.title}: {r.params_text}" for r in self.rows.itertuples() if r.params_text]
@@ -258,6 +274,13 @@ def _columns(results: pd.DataFrame, options: TableOptions) -> list[Column]:
     titles = [c.title for c in columns]
     return [Column(c.task, c.metric, c.task if titles.count(c.title) > 1 else c.title)
             for c in columns]
+
+
+def _competing(meta: pd.DataFrame) -> list[str]:
+    """The rows that compete for bold: the merges, else (no merges) every row. Passthrough copies
+    one model: a reference row, like the fine-tunes, not a competing merge."""
+    merges = list(meta.index[(meta["kind"] == "merge") & (meta["method"] != "passthrough")])
+    return merges or list(meta.index)
 
 
 def _best(block: Block, candidates: Sequence[str]) -> None:
@@ -451,15 +474,15 @@ def build_table(results: pd.DataFrame, finetune_tasks: Mapping[str, str],
         blocks.append(_normalized_block(blocks[0], columns, meta, finetune_tasks))
     if options.delta:
         blocks.append(_delta_block(blocks[0], columns, meta, options.baseline))
-    # passthrough copies one model: a reference row, like the fine-tunes, not a competing merge
-    merges = list(meta.index[(meta["kind"] == "merge") & (meta["method"] != "passthrough")])
+    merges = _competing(meta)
     if samples:
         blocks += _paired_block(blocks[0], columns, meta, samples, options.baseline, notes)
     blocks[0].show_stderr = options.stderr
     for block in blocks:
         if block.name != "paired":
-            _best(block, merges or list(meta.index))
-    notes.append("Bold: the best " + ("merge" if merges else "model") + " in each column (none where tied)"
+            _best(block, merges)
+    noun = "merge" if (meta["kind"] == "merge").any() else "model"
+    notes.append(f"Bold: the best {noun} in each column (none where tied)"
                  + (f"; italic: the lowest {' and '.join(COST_COLUMNS)}" if options.costs else "") + ".")
     if options.stderr:
         notes.append("± : lm-eval's standard error of the score, in points.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from merge_harness.tasks import by_name_prefix
 from merge_harness.tasks import primary_metric as declared_primary_metric
 
 FALLBACK_METRICS = ("acc", "exact_match,strict-match", "exact_match", "pass@1", "f1", "bleu")
@@ -59,11 +60,6 @@ GRANULARITY_TITLES = {"model": "model", "layer": "layer", "attn_mlp": "attn/MLP"
 KIND_ORDER = {"base": 0, "finetune": 1, "model": 2, "merge": 3}
 
 
-def _prefix_match(task: str, table: Mapping[str, str]) -> str | None:
-    matches = [p for p in table if task == p or task.startswith(p + "_")]
-    return table[max(matches, key=len)] if matches else None
-
-
 def primary_metric(task: str, available: Iterable[str] = ()) -> str:
     """The metric a table shows for `task`: the one it declares; a task that declares none
     (or whose results lack it) falls back on what it reports."""
@@ -79,7 +75,7 @@ def primary_metric(task: str, available: Iterable[str] = ()) -> str:
 
 def task_title(task: str) -> str:
     """'GSM8K' for gsm8k, 'GSM8K (fixture)' for gsm8k_fixture; unknown tasks keep their name."""
-    title = _prefix_match(task, TASK_TITLES)
+    title = by_name_prefix(task, TASK_TITLES)
     if title is None:
         return task
     return f"{title} (fixture)" if task.endswith("_fixture") else title

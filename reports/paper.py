@@ -10,7 +10,6 @@ which cells are empty, which rows are not measured yet, and the command that mea
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -23,7 +22,7 @@ from merge_harness.core.errors import ConfigError
 from merge_harness.merge.config import Scalar
 from merge_harness.reports import metrics as m
 from merge_harness.reports.frame import AVERAGE, ComparisonTable, TableOptions, build_table
-from merge_harness.tasks import TASKS_DIR
+from merge_harness.tasks import task_files
 
 SPEC_DIR = Path(__file__).parent / "paper"
 BUILTIN_TASKS = {"gsm8k", "winogrande"}  # lm-eval's own, used as they are
@@ -105,10 +104,7 @@ def available_specs() -> list[str]:
 
 def known_tasks() -> set[str]:
     """Task names defined by tasks/**/*.yaml, plus the lm-eval built-ins we use."""
-    names = set(BUILTIN_TASKS)
-    for path in TASKS_DIR.rglob("*.yaml"):
-        names.update(re.findall(r"^task:\s*([\w.-]+)\s*$", path.read_text(), flags=re.M))
-    return names
+    return set(BUILTIN_TASKS) | set(task_files())
 
 
 def known_methods() -> set[str]:

@@ -108,7 +108,6 @@ def samples_by_label(store: ResultStore, results: pd.DataFrame) -> dict[str, lis
     """Row label -> the per-sample logs of its jobs (rows without stored samples are left out)."""
     found: dict[str, list[dict]] = {}
     for label, key in results[["label", "key"]].drop_duplicates().itertuples(index=False):
-        result = store.get_result(str(key))
-        if result is not None and result.samples_log:
-            found.setdefault(str(label), []).extend(result.samples_log)
+        if samples := store.samples_log(str(key)):
+            found.setdefault(str(label), []).extend(samples)
     return found

@@ -12,6 +12,7 @@ lm-eval's own tasks, whose YAMLs are not ours, are declared in `LM_EVAL_PRIMARY_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
@@ -51,19 +52,33 @@ def _declared(path: Path, seen: frozenset[Path] = frozenset()) -> str | None:
 
 
 @cache
+def task_files(tasks_dir: Path = TASKS_DIR) -> dict[str, Path]:
+    """{task name: its YAML} for every task defined under `tasks_dir` (read once)."""
+    found = {}
+    for path in sorted(tasks_dir.rglob("*.yaml")):
+        name = _read(path).get("task")
+        if isinstance(name, str):
+            found[name] = path
+    return found
+
+
+@cache
 def declared_primary_metrics() -> dict[str, str]:
     """{task name: primary metric} for every task YAML of this folder that declares one."""
-    found = {}
-    for path in sorted(TASKS_DIR.rglob("*.yaml")):
-        name = _read(path).get("task")
-        if isinstance(name, str) and (metric := _declared(path)):
-            found[name] = metric
-    return found
+    declared = {name: _declared(path) for name, path in task_files().items()}
+    return {name: metric for name, metric in declared.items() if metric}
 
 
 def primary_metric(task: str) -> str | None:
     """The task's declared primary metric (ours from the YAML; lm-eval's by name prefix), else None."""
-    if task in declared_primary_metrics():
-        return declared_primary_metrics()[task]
-    matches = [p for p in LM_EVAL_PRIMARY_METRICS if task == p or task.startswith(p + "_")]
-    return LM_EVAL_PRIMARY_METRICS[max(matches, key=len)] if matches else None
+    declared = declared_primary_metrics()
+    if task in declared:
+        return declared[task]
+    return by_name_prefix(task, LM_EVAL_PRIMARY_METRICS)
+
+
+def by_name_prefix(task: str, table: Mapping[str, str]) -> str | None:
+    """The value of the longest key of `table` that is `task` or a prefix of it before a "_"
+    (`gsm8k` for gsm8k_fixture): how variants of a task inherit what is said of it."""
+    matches = [p for p in table if task == p or task.startswith(p + "_")]
+    return table[max(matches, key=len)] if matches else None

@@ -196,7 +196,7 @@ def merge(
     shard_bytes = (parse_kmb(out_shard_size, "--out-shard-size") if out_shard_size
                    else parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES)
     merge_config = load_merge_config(config)
-    if cuda and device not in (None, "cuda") and not device.startswith("cuda"):
+    if cuda and device is not None and not device.startswith("cuda"):
         raise ConfigError(f"--cuda and --device {device} disagree: give one")
     overrides = {"device": device or ("cuda" if cuda else None), "out_dtype": dtype, "seed": random_seed}
     updates = {k: v for k, v in overrides.items() if v is not None}

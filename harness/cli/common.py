@@ -122,6 +122,6 @@ def print_frame(frame, title: str) -> None:
         table.add_column(str(column), justify="right", min_width=len(str(column)), overflow="fold")
     for label, row in frame.iterrows():
         table.add_row(str(label), *(format_cell(v) for v in row))
-    console.print(table)
+    print_table(table)
 
 

@@ -25,24 +25,19 @@ from pathlib import Path
 from typing import TypeVar
 
 from merge_harness.core.errors import ConfigError
-from merge_harness.tasks import TASKS_DIR
+from merge_harness.tasks import TASKS_DIR, task_files
 from merge_harness.tasks.fixtures import FIXTURES_DIR
 
 TEST_TOKEN = re.compile(r"(?:^|[^a-z0-9])test(?:s|ing)?(?:[^a-z0-9]|$)", re.IGNORECASE)
 TEST_DIRS = {"test", "tests", "testing"}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 T = TypeVar("T")
-TASK_NAME = re.compile(r"^task:\s*['\"]?([\w.-]+)", re.MULTILINE)
 
 
 def fixture_tasks(tasks_dir: Path = TASKS_DIR) -> set[str]:
     """Names of the repository's lm-eval tasks that evaluate on a fixture file (YAML text scan)."""
-    names = set()
-    for path in tasks_dir.rglob("*.yaml"):
-        text = path.read_text(encoding="utf-8")
-        if "load_fixture" in text:
-            names.update(TASK_NAME.findall(text))
-    return names
+    return {name for name, path in task_files(tasks_dir).items()
+            if "load_fixture" in path.read_text(encoding="utf-8")}
 
 
 def is_file_source(source: str) -> bool:

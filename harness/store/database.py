@@ -282,6 +282,15 @@ class ResultStore:
         with self._tx(f"reading job {key}", write=False):
             return self._load(key)
 
+    def samples_log(self, key: str) -> list[dict]:
+        """The per-sample log of a job (empty when it stored none), without the rest of it."""
+        with self._tx(f"reading the samples of job {key}", write=False):
+            return self._samples_log(key)
+
+    def _samples_log(self, key: str) -> list[dict]:
+        rows = self._conn.execute("SELECT payload FROM samples WHERE job_key = ? ORDER BY seq", (key,))
+        return [json.loads(payload) for (payload,) in rows]
+
     def _load(self, key: str) -> JobResult | None:
         q = self._conn.execute
         row = q("SELECT experiment, label, spec_json, peak_rss_mb FROM jobs "
@@ -297,8 +306,7 @@ class ResultStore:
                          (key,)).fetchall())
         versions = dict(q("SELECT package, version FROM versions WHERE job_key = ? "
                           "ORDER BY rowid", (key,)).fetchall())
-        samples = [json.loads(p) for (p,) in q(
-            "SELECT payload FROM samples WHERE job_key = ? ORDER BY seq", (key,))]
+        samples = self._samples_log(key)
         return JobResult(key=key, experiment=row[0], model_label=row[1],
                          spec=json.loads(row[2]), scores=scores, coefficients=coefficients,
                          timings=timings, versions=versions, peak_rss_mb=row[3],
