@@ -39,8 +39,11 @@ def peak_rss_mb() -> float:
 
 
 def ours(config: dict, out_dir: Path, shard_bytes: int):
+    from merge_harness.core.allocator import keep_freed_memory
     from merge_harness.merge.config import MergeConfig
     from merge_harness.merge.engine import merge_to_disk
+
+    keep_freed_memory()  # as `merge-harness merge` does
 
     def merge() -> None:
         merge_to_disk(

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from merge_harness.core.allocator import exit_without_teardown
 from merge_harness.core.errors import ConfigError, HarnessError
 
 
@@ -22,6 +23,7 @@ class Options:
 
     debug: bool = False
     threads: int | None = None  # None: the command's own default (e.g. one thread on the toy zoo)
+    exit_fast: bool = False  # end the process without interpreter teardown once the command succeeds
 
 
 def options(ctx: typer.Context) -> Options:
@@ -42,6 +44,10 @@ class HarnessApp(typer.Typer):
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
+        except SystemExit as done:  # how click ends every command, successful or not
+            if done.code in (0, None) and self.options.exit_fast:
+                exit_without_teardown(0)
+            raise
         except Exception as exc:
             if self.options.debug:
                 raise
