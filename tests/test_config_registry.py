@@ -11,7 +11,7 @@ import torch
 from merge_harness.core.errors import ConfigError, MethodError
 from merge_harness.core.registry import Registry
 from merge_harness.merge.config import Condition, MergeConfig, load_merge_config
-from merge_harness.merge.plan import evaluate_setting, gradient_position
+from merge_harness.merge.parameters import evaluate_setting, gradient_position
 
 
 def test_our_format_and_mergekit_format_parse_to_the_same_method(tmp_path):

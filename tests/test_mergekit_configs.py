@@ -198,9 +198,14 @@ def test_mergekit_yaml_options_are_accepted_or_refused_in_one_line(deep_zoo, tmp
         "error: --trust-remote-code: not supported by merge-harness (remote code is never run)"]
 
 
-def test_a_union_of_different_tokenizers_is_refused_and_a_union_of_one_is_that_tokenizer(chat_zoo, tmp_path):
+def test_a_union_of_one_tokenizer_is_that_tokenizer_and_of_two_their_union(chat_zoo, tmp_path, monkeypatch):
+    """(tests/test_mergekit_tokenizer.py compares unions of different vocabularies with mergekit's.)"""
+    from transformers import AutoTokenizer
+
+    from merge_harness.merge import vocabulary
     from merge_harness.zoo.toymodel import train_tokenizer
 
+    monkeypatch.setattr(vocabulary, "TOKENIZER_CACHE", tmp_path / "cache")
     other = tmp_path / "other"
     import shutil
 
@@ -210,8 +215,10 @@ def test_a_union_of_different_tokenizers_is_refused_and_a_union_of_one_is_that_t
             "tokenizer_source": "union"}
     same = {**base, "models": [{"model": str(chat_zoo["math"])}, {"model": str(chat_zoo["qa"])}]}
     assert ours(same).tokenizer_dir == chat_zoo["base"]
-    with pytest.raises(Exception, match="different tokenizers"):
-        ours({**base, "models": [{"model": str(chat_zoo["math"])}, {"model": str(other)}]})
+    union = ours({**base, "models": [{"model": str(chat_zoo["math"])}, {"model": str(other)}]})
+    vocabs = [set(AutoTokenizer.from_pretrained(d).get_vocab()) for d in (chat_zoo["base"], other)]
+    assert set(AutoTokenizer.from_pretrained(union.tokenizer_dir).get_vocab()) == vocabs[0] | vocabs[1]
+    assert union.state["model.embed_tokens.weight"].shape[0] == len(vocabs[0] | vocabs[1])
 
 
 def test_chat_template_auto_takes_the_inputs_template_and_jinja_is_written_as_given(chat_zoo, tmp_path):

@@ -127,14 +127,52 @@ class OutputSlice(BaseModel):
         return end - start
 
 
+class ZeroEmbedding(BaseModel):
+    """`{kind: zero}`: the token's embedding rows are zeros."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """`{kind: model_token, model: M, token: T}` (or `token_id: I`): the rows of token T (id I)
+    of model M's own vocabulary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of `token` and `token_id`")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """One entry of `tokenizer.tokens`: the token is added to the output vocabulary, and
+    `source` gives its rows in every input that lacks it (every input, with `force`).
+    `source`: a merged model (its rows of the token), `{kind: zero}` or `{kind: model_token}`;
+    unset, the token takes mergekit's default rules (`merge_harness.merge.vocabulary`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: ModelTokenEmbedding | ZeroEmbedding | str | None = None
+    force: bool = False
+
+
 class TokenizerSettings(BaseModel):
-    """mergekit's `tokenizer:` block: where the output tokenizer comes from."""
+    """mergekit's `tokenizer:` block: the output vocabulary and the embeddings of its tokens."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field("union", description="union | base | a model (its tokenizer is copied)")
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = Field(None, ge=1)
+    source: str = Field("union", description="union | base | a model (its vocabulary)")
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="round the vocabulary size up")
 
 
 class CalibrationSettings(BaseModel):
@@ -174,7 +212,7 @@ class MergeConfig(BaseModel):
     out_dtype: DType | None = None
     tokenizer_source: str | None = None  # union | base | a model directory or HF id
     tokenizer: TokenizerSettings | None = None
-    chat_template: str | None = None  # a Jinja template, or "auto" (the inputs' most common one)
+    chat_template: str | None = None  # a Jinja template, a bundled name (chatml, ...) or "auto"
     seed: int = 0
     device: str = "cpu"
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
@@ -261,7 +299,8 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     ]
     tokenizer = config.tokenizer
     if tokenizer is not None:
-        tokenizer = tokenizer.model_copy(update={"source": model_path(tokenizer.source)})
+        tokens = tokenizer.tokens and {t: _embedding_relative(e, root) for t, e in tokenizer.tokens.items()}
+        tokenizer = tokenizer.model_copy(update={"source": model_path(tokenizer.source), "tokens": tokens})
     return config.model_copy(
         update={
             "base_model": relative_to(config.base_model, root),
@@ -271,3 +310,12 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
             "tokenizer": tokenizer,
         }
     )
+
+
+def _embedding_relative(entry: TokenEmbedding, root: Path) -> TokenEmbedding:
+    source = entry.source
+    if isinstance(source, str):
+        source = relative_to(source, root)
+    elif isinstance(source, ModelTokenEmbedding):
+        source = source.model_copy(update={"model": relative_to(source.model, root)})
+    return entry.model_copy(update={"source": source})

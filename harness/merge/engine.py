@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +86,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _read_checked(source: TensorSource, device: str, rows: slice | None = None) -> torch.Tensor:
-    tensor = source.checkpoint.read(source.name, rows).to(device)
+    tensor = source.read(rows).to(device)  # in the output vocabulary, for a vocabulary-mapped source
     if not all_finite(tensor):
         raise CheckpointError(f"{source.file}: tensor {source.name!r} contains NaN or inf")
     return tensor
@@ -103,10 +103,12 @@ def row_blocks(plan: MergePlan, task: TensorTask) -> list[slice | None]:
     """The pieces `task` is merged in: [None] (whole), or blocks of rows for elementwise methods.
 
     Blocks hold a multiple of 64 entries, so every entry goes through the same vectorised kernel
-    path as when the tensor is merged whole (bit-identical results)."""
+    path as when the tensor is merged whole (bit-identical results). Tensors laid out in a new
+    vocabulary are read whole (their rows come from anywhere in the inputs)."""
     shape = task.info.shape
     sources = (*([task.base] if task.base else []), *task.sources)
     if (not plan.method.elementwise or task.params is None or len(shape) == 0
+            or any(s.vocabulary is not None for s in sources)
             or any(s.checkpoint.tensors[s.name].file.suffix != ".safetensors" for s in sources)):
         return [None]
     row_entries = max(1, task.info.nbytes // task.info.dtype.itemsize // max(shape[0], 1))
@@ -206,6 +208,11 @@ def merge_to_disk(
     check_not_an_input(Path(out_dir), plan.inputs())
     check_output_dir(Path(out_dir), force)  # before calibration, which may take minutes
     extra_files = _files_beside_weights(plan, Path(out_dir).name, write_model_card)
+    notes = list(plan.notes)
+    if not copy_tokenizer and plan.remaps_vocabulary:  # mergekit writes it in this case too
+        copy_tokenizer = True
+        notes.append("--no-copy-tokenizer: the tokenizer is written anyway (the embeddings are laid out "
+                     "in its new vocabulary)")
     calibrated = None if plan.method.streaming else _calibrated(plan, show_progress)
     writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
     try:
@@ -219,7 +226,7 @@ def merge_to_disk(
         writer.abort()
         raise
     outcome = MergeOutcome(None, Path(out_dir), time.perf_counter() - start, len(plan.tasks))
-    outcome.notes = list(plan.notes)
+    outcome.notes = notes
     if calibrated is not None:
         outcome.coefficients = calibrated.coefficients
         outcome.forward_passes = calibrated.forward_passes
@@ -265,6 +272,47 @@ def merge_state_dict(
     state = dict(iter_merged(plan, config.device, show_progress))
     seconds = time.perf_counter() - start
     return MergeOutcome(state, None, seconds, len(plan.tasks), [], plan.out_config, plan.sidecar_source)
+
+
+def merge_into(
+    plan: MergePlan, tensors: Mapping[str, torch.Tensor], *, show_progress: bool = False
+) -> MergeOutcome:
+    """Merge straight into existing tensors (a reused model's parameters), one tensor at a time.
+
+    `tensors` must be exactly the plan's outputs, same names, shapes and dtypes (a model built
+    from an earlier merge with the same `plan.out_config` is); each is overwritten in place, so
+    a merge allocates one tensor at a time instead of a whole state dict.
+    """
+    start = time.perf_counter()
+    misfit = layout_mismatch(plan, tensors)
+    if misfit:
+        raise MethodError(f"cannot merge into the given model: {misfit}")
+    if plan.method.streaming:
+        for name, merged in iter_merged(plan, plan.config.device, show_progress):
+            tensors[name].copy_(merged)
+        outcome = MergeOutcome(None, None, 0.0, len(plan.tasks))
+    else:
+        outcome = _calibrated(plan, show_progress)
+        for task in plan.tasks:
+            tensors[task.info.name].copy_(outcome.state.pop(task.info.name))
+        outcome.state = None
+    outcome.seconds = time.perf_counter() - start
+    outcome.model_config, outcome.tokenizer_dir = plan.out_config, plan.sidecar_source
+    return outcome
+
+
+def layout_mismatch(plan: MergePlan, tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """What differs between `tensors` and the plan's outputs (names, shapes, dtypes), or None."""
+    names = [task.info.name for task in plan.tasks]
+    if set(names) != set(tensors):
+        extra, missing = sorted(set(tensors) - set(names)), sorted(set(names) - set(tensors))
+        return f"tensors {missing[:3]} missing, {extra[:3]} not merged"
+    for task in plan.tasks:
+        target = tensors[task.info.name]
+        if tuple(target.shape) != tuple(task.info.shape) or target.dtype != task.info.dtype:
+            return (f"tensor {task.info.name!r} is {tuple(target.shape)} {target.dtype}, "
+                    f"the merge makes {tuple(task.info.shape)} {task.info.dtype}")
+    return None
 
 
 def merge_model(

@@ -4,11 +4,13 @@
   (mergekit reads it back), `merge_config.yml` for ours (`method:`; merge-harness reads it back).
 - A Hugging Face model card, README.md, with the metadata HF uses for merged models: `base_model`
   (the merged models on the Hub), `tags: [merge, merge-harness]`, `library_name: transformers`.
-- The chat template the config asks for (`chat_template:`), in tokenizer_config.json.
+- The chat template the config asks for (`chat_template:`: Jinja, a bundled name such as
+  `chatml`, or `auto`), in tokenizer_config.json and chat_template.jinja.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections import Counter
@@ -82,24 +84,47 @@ def chat_template_files(config: MergeConfig, sidecar_source: Path) -> dict[str, 
     """The files that carry `chat_template:` (none when the config sets none): the template in
     tokenizer_config.json and in chat_template.jinja (which transformers prefers when present).
 
-    A Jinja template is used as written; `auto` takes the template most of the inputs have.
+    `sidecar_source` is where the output's tokenizer comes from (a model's directory, or the
+    merged vocabulary's, `merge_harness.merge.vocabulary`).
     """
-    if config.chat_template is None:
+    template = resolve_chat_template(config)
+    if template is None:
         return {}
+    path = sidecar_source / "tokenizer_config.json"
+    settings = json.loads(path.read_text()) if path.exists() else {}
+    return {"tokenizer_config.json": json.dumps({**settings, "chat_template": template}, indent=2) + "\n",
+            "chat_template.jinja": template}
+
+
+CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"  # mergekit 0.1.5's bundled templates, by name
+
+
+def bundled_chat_templates() -> list[str]:
+    return sorted(path.stem for path in CHAT_TEMPLATES.glob("*.jinja"))
+
+
+def resolve_chat_template(config: MergeConfig) -> str | None:
+    """The template `chat_template:` names: a Jinja template as written, a bundled template by
+    name (chatml, llama3, alpaca, mistral, exaone: mergekit's), or `auto`, the template most of
+    the inputs have. None when the config sets none."""
     template = config.chat_template
+    if template is None:
+        return None
     if template == "auto":
         templates = (_chat_template(Path(resolve_model(ref))) for ref in config.referenced_models())
         found = Counter(t for t in templates if t)
         if not found:
             raise ConfigError("chat_template: auto, but none of the merged models has a chat template")
-        template = found.most_common(1)[0][0]
-    elif "{{" not in template and "{%" not in template:
-        raise ConfigError(f"chat_template: {template!r} is neither `auto` nor a Jinja template "
-                          "(named templates such as chatml are not bundled: paste the template)")
-    path = sidecar_source / "tokenizer_config.json"
-    settings = json.loads(path.read_text()) if path.exists() else {}
-    return {"tokenizer_config.json": json.dumps({**settings, "chat_template": template}, indent=2) + "\n",
-            "chat_template.jinja": template}
+        return found.most_common(1)[0][0]
+    if "{{" in template or "{%" in template:
+        return template
+    names = bundled_chat_templates()
+    if template in names:
+        return (CHAT_TEMPLATES / f"{template}.jinja").read_text()
+    close = difflib.get_close_matches(template, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"chat_template: {template!r} is neither a bundled template ({', '.join(names)}), "
+                      f"`auto` nor a Jinja template{hint}")
 
 
 def _chat_template(model_dir: Path) -> str | None:

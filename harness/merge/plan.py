@@ -3,30 +3,39 @@
 `build_plan` opens each checkpoint's safetensors headers (no tensor data), checks architectures,
 tensor names and shapes and validates the method's parameters for every tensor, so that every
 error a config can cause is raised before any tensor is read. (The output directory is checked
-by the engine, `merge_to_disk`, before it starts.)
+by the engine, `merge_to_disk`, before it starts.) With a tokenizer source it also builds the
+output vocabulary (`merge_harness.merge.vocabulary`) and gives each input of an embedding-like
+tensor its row layout in it, which the engine applies as it reads the tensor.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from merge_harness.core.errors import CheckpointError, ConfigError
 from merge_harness.io.checkpoint import Checkpoint, TensorInfo
 from merge_harness.io.models import resolve_model
-from merge_harness.merge.config import Condition, MergeConfig, Setting
+from merge_harness.merge.config import MergeConfig
 from merge_harness.merge.methods import get_method
+from merge_harness.merge.output_files import resolve_chat_template
+from merge_harness.merge.parameters import LAYER_INDEX, ParamResolver, gradient_position
+from merge_harness.merge.vocabulary import (
+    Member,
+    OutputVocabulary,
+    RowMap,
+    is_vocabulary_tensor,
+    lay_out,
+    plan_vocabulary,
+    read_vocabulary_tensor,
+    with_vocab_size,
+)
 from merge_harness.merges.base import MergeMethod, Params
 
-LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -38,14 +47,22 @@ DTYPES = {
 @dataclass(frozen=True)
 class TensorSource:
     """One input of an output tensor: a checkpoint and the tensor's name in it (with slices, an
-    output layer reads another layer index of each source)."""
+    output layer reads another layer index of each source). `vocabulary`: for an embedding-like
+    tensor of a merge with a tokenizer source, its rows laid out in the output vocabulary."""
 
     checkpoint: Checkpoint
     name: str
+    vocabulary: RowMap | None = None
 
     @property
     def file(self) -> Path:
         return self.checkpoint.tensors[self.name].file
+
+    def read(self, rows: slice | None = None) -> torch.Tensor:
+        """The tensor (or `rows` of it) as the merge method sees it; a vocabulary-mapped one whole."""
+        if self.vocabulary is None:
+            return self.checkpoint.read(self.name, rows)
+        return read_vocabulary_tensor(self.checkpoint, self.name, self.vocabulary, rows)
 
 
 @dataclass(frozen=True)
@@ -67,22 +84,30 @@ class MergePlan:
     models: list[Checkpoint]  # the other inputs (with `models:`, passed as `tensors` in config order)
     tasks: list[TensorTask]
     out_config: dict[str, Any]
-    sidecar_source: Path
-    notes: list[str] = field(default_factory=list)  # config keys accepted but without effect
+    sidecar_source: Path  # where the output's tokenizer (and generation config) files come from
+    notes: list[str] = field(default_factory=list)  # config keys accepted but without effect, and the like
+    vocabulary: OutputVocabulary | None = None  # with a tokenizer source
+    readers: list[Checkpoint] = field(default_factory=list)  # inputs read only for vocabulary rows
 
     @property
     def output_bytes(self) -> int:
         return sum(task.info.nbytes for task in self.tasks)
 
+    @property
+    def remaps_vocabulary(self) -> bool:
+        """Whether embedding rows are laid out in a new vocabulary (its tokenizer must go along)."""
+        return any(s is not None and s.vocabulary is not None
+                   for task in self.tasks for s in (*task.sources, task.base))
+
     def inputs(self) -> dict[str, Path]:
         """Every directory the merge reads, by what the config calls it (an output must be none)."""
         found = {f"base_model {self.base.path}": self.base.path} if self.base is not None else {}
-        found.update({f"{model.path}": model.path for model in self.models})
+        found.update({f"{model.path}": model.path for model in (*self.models, *self.readers)})
         found.setdefault(f"tokenizer_source {self.sidecar_source}", self.sidecar_source)
         return found
 
     def close(self) -> None:
-        for checkpoint in (*self.models, *([self.base] if self.base else [])):
+        for checkpoint in (*self.models, *([self.base] if self.base else []), *self.readers):
             checkpoint.close()
 
 
@@ -102,11 +127,16 @@ def build_plan(config: MergeConfig, allow_crimes: bool = False) -> MergePlan:
     models = [open_model(entry.model) for entry in entries]
     base = open_model(base) if base is not None else None
     reference = base or models[0]
-    check_compatible(reference, models, allow_crimes)
+    vocab = _plan_vocabulary(config, open_model)
+    check_compatible(reference, models, allow_crimes, vocab is not None)
     out_dtype = _output_dtype(config, reference)
     num_layers = int(reference.config.get("num_hidden_layers", 0) or 0)
     resolver = ParamResolver(config, method)
     chains = [[entry.parameters, config.parameters] for entry in entries]
+    # the inputs mergekit lays out in the vocabulary: the models, and the base when it is not one
+    base_ref = [config.base_model] if config.base_model else []
+    members = list(dict.fromkeys([e.model for e in config.models] + base_ref))
+    notes = _ignored_keys(config, method)
     tasks = []
     for name, info in reference.tensors.items():
         sources = tuple(TensorSource(model, name) for model in models)
@@ -118,53 +148,55 @@ def build_plan(config: MergeConfig, allow_crimes: bool = False) -> MergePlan:
         params, model_params = resolver.resolve(name, position, [config.parameters],
                                                 [(name, chain) for chain in chains])
         out = TensorInfo(name, info.shape, out_dtype, info.file)
-        tasks.append(TensorTask(out, params, model_params, base_source, sources))
-    out_config = _output_config(reference, out_dtype)
-    return MergePlan(config, method, base, models, tasks, out_config, _sidecars(config, reference),
-                     _ignored_keys(config, method))
+        task = TensorTask(out, params, model_params, base_source, sources)
+        if vocab is not None and is_vocabulary_tensor(name):
+            inputs = [Member(ref, open_model(ref), name) for ref in members]
+            task = lay_out(vocab, task, inputs, config.base_model, notes)
+        tasks.append(task)
+    out_config = _output_config(reference, out_dtype, vocab=vocab)
+    opened = [open_model(r) for r in members] if vocab is not None else []
+    readers = [c for c in dict.fromkeys(opened) if c not in (*models, base)]
+    return _finish(MergePlan(config, method, base, models, tasks, out_config, _sidecars(vocab, reference),
+                             notes, vocab, readers))
 
 
-def _output_config(reference: Checkpoint, out_dtype: torch.dtype, num_layers: int | None = None) -> dict:
+def _output_config(reference: Checkpoint, out_dtype: torch.dtype, num_layers: int | None = None,
+                   vocab: OutputVocabulary | None = None) -> dict:
     out_config = dict(reference.config)
     out_config.pop("quantization_config", None)
     out_config["torch_dtype"] = out_config["dtype"] = str(out_dtype).removeprefix("torch.")
     if num_layers is not None:
         out_config["num_hidden_layers"] = num_layers
-    return out_config
+    return with_vocab_size(out_config, vocab.size) if vocab is not None else out_config
 
 
-def _sidecars(config: MergeConfig, reference: Checkpoint) -> Path:
-    """Where the tokenizer (and other non-weight files) come from: a model named as the source,
-    else the reference model (the base). `union` of identical vocabularies is that vocabulary;
-    a union of different ones, and mergekit's `tokens:` / `pad_to_multiple_of` (embedding
-    surgery), are refused rather than approximated."""
-    choice = config.tokenizer_choice
-    if config.tokenizer is not None and (config.tokenizer.tokens or config.tokenizer.pad_to_multiple_of):
-        raise ConfigError("tokenizer: `tokens` and `pad_to_multiple_of` (rebuilding embeddings for a new "
-                          "vocabulary) are not supported; give tokenizer source base, union or a model")
-    if choice == "union":
-        check_same_vocabulary([Path(resolve_model(ref)) for ref in config.referenced_models()])
-    if choice in (None, "base", "union"):
-        return reference.path
-    return Path(resolve_model(choice))
+def _sidecars(vocab: OutputVocabulary | None, reference: Checkpoint) -> Path:
+    """Where the tokenizer (and other non-weight files) come from: the output vocabulary's
+    directory with a tokenizer source (a model's, or the merged one's), else the reference model's."""
+    return vocab.tokenizer_dir if vocab is not None else reference.path
 
 
-VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+def _plan_vocabulary(config: MergeConfig, open_model) -> OutputVocabulary | None:
+    if config.tokenizer_choice is None:
+        return None
+    return plan_vocabulary(config, {ref: open_model(ref) for ref in config.referenced_models()})
 
 
-def check_same_vocabulary(model_dirs: list[Path]) -> None:
-    """`tokenizer_source: union` is supported where the union is trivial: every model has the
-    same tokenizer files (or none). Else a ConfigError naming the first two that differ."""
-    def vocabulary(path: Path) -> dict[str, bytes]:
-        return {name: (path / name).read_bytes() for name in VOCABULARY_FILES if (path / name).exists()}
-
-    first = vocabulary(model_dirs[0])
-    for path in model_dirs[1:]:
-        if vocabulary(path) != first:
-            raise ConfigError(
-                f"tokenizer_source: union: {path} and {model_dirs[0]} have different tokenizers; "
-                "merging vocabularies (and their embeddings) is not supported: use base or a model"
-            )
+def _finish(plan: MergePlan) -> MergePlan:
+    """Checks that need the whole plan: a model-level method cannot take a new vocabulary (it
+    reads whole models), and the chat template must resolve (before any tensor is read)."""
+    if plan.vocabulary is not None:
+        plan.notes[:0] = [n for n in plan.vocabulary.notes if n not in plan.notes]
+    plan.notes[:] = list(dict.fromkeys(plan.notes))
+    mapped = plan.remaps_vocabulary
+    if mapped and not plan.method.streaming:
+        where = "tokenizer" if plan.config.tokenizer is not None else "tokenizer_source"
+        raise ConfigError(f"{where}: the inputs' vocabularies differ from the output's, and method "
+                          f"{plan.method.name!r} merges whole models with calibration data: give every "
+                          "input the same tokenizer, or use a per-tensor method")
+    if plan.config.chat_template != "auto":  # auto reads the output's inputs; it is resolved when written
+        resolve_chat_template(plan.config)
+    return plan
 
 
 def _ignored_keys(config: MergeConfig, method: MergeMethod) -> list[str]:
@@ -192,6 +224,8 @@ def _build_sliced_plan(config: MergeConfig, method: MergeMethod, open_model) -> 
     reference = open_model(config.base_model or config.slices[0].sources[0].model)
     out_dtype = _output_dtype(config, reference)
     resolver = ParamResolver(config, method)
+    vocab = _plan_vocabulary(config, open_model)
+    notes = _ignored_keys(config, method)
     tasks: list[TensorTask] = []
     first, last = groups[0], groups[-1]
     non_layer = [name for name in reference.tensors if LAYER_INDEX.search(name) is None]
@@ -210,11 +244,24 @@ def _build_sliced_plan(config: MergeConfig, method: MergeMethod, open_model) -> 
             output_layer += 1
     for name in post:
         tasks.append(_slice_task(config, resolver, last, open_model, name, name, 0.0, out_dtype))
+    if vocab is not None:
+        tasks = [_slice_vocabulary(vocab, task, first if task.info.name in pre else last, open_model, config,
+                                   notes) for task in tasks]
     base = open_model(config.base_model) if config.base_model else None
     others = [c for ref, c in _opened_models(groups, open_model) if base is None or c is not base]
-    out_config = _output_config(reference, out_dtype, output_layer)
-    return MergePlan(config, method, base, others, tasks, out_config, _sidecars(config, reference),
-                     _ignored_keys(config, method))
+    out_config = _output_config(reference, out_dtype, output_layer, vocab)
+    return _finish(MergePlan(config, method, base, others, tasks, out_config, _sidecars(vocab, reference),
+                             notes, vocab))
+
+
+def _slice_vocabulary(vocab: OutputVocabulary, task: TensorTask, group: SliceInputs, open_model,
+                      config: MergeConfig, notes: list[str]) -> TensorTask:
+    """A non-layer vocabulary tensor of a sliced merge, laid out over its slice's sources."""
+    if task.params is None or LAYER_INDEX.search(task.info.name) or not is_vocabulary_tensor(task.info.name):
+        return task
+    refs = dict.fromkeys(s.model for s in group.piece.sources)
+    members = [Member(ref, open_model(ref), task.info.name) for ref in refs]
+    return lay_out(vocab, task, members, group.piece.base_model or config.base_model, notes)
 
 
 @dataclass(frozen=True)
@@ -290,9 +337,11 @@ def _slice_task(config, resolver, group: SliceInputs, open_model, in_name: str, 
     base = source_of(group.base) if group.base is not None else None
     sources = tuple(source_of(entry) for entry in group.entries)
     info = (base or sources[0]).checkpoint.tensors[(base or sources[0]).name]
+    mapped = config.tokenizer_choice is not None and offset is None and is_vocabulary_tensor(in_name)
+    rows_may_differ = int(mapped)  # embedding rows are laid out in the output vocabulary later
     for source in (*([base] if base else []), *sources):
         shape = source.checkpoint.tensors[source.name].shape
-        if shape != info.shape:
+        if shape[rows_may_differ:] != info.shape[rows_may_differ:]:
             raise CheckpointError(f"{source.file}: tensor {source.name!r} has shape {list(shape)}, "
                                   f"but {info.file} has {list(info.shape)} (slices[{group.index}])")
     if not info.dtype.is_floating_point:
@@ -366,9 +415,11 @@ def _check_count(method: MergeMethod, count: int, where: str) -> None:
         raise ConfigError(f"{where}: method {method.name!r} takes {wanted} non-base models, got {count}")
 
 
-def check_compatible(reference: Checkpoint, models: list[Checkpoint], allow_crimes: bool = False) -> None:
+def check_compatible(reference: Checkpoint, models: list[Checkpoint], allow_crimes: bool = False,
+                     vocabularies: bool = False) -> None:
     """Same architecture (unless `allow_crimes`), same tensor names, same shapes: else name the
-    file and tensor at fault."""
+    file and tensor at fault. `vocabularies`: the inputs are laid out in one output vocabulary,
+    so embedding-like tensors may differ in their number of rows."""
     for model in models:
         if model.architecture != reference.architecture and not allow_crimes:
             raise CheckpointError(
@@ -386,10 +437,13 @@ def check_compatible(reference: Checkpoint, models: list[Checkpoint], allow_crim
             )
         for name, info in reference.tensors.items():
             other = model.tensors[name]
-            if other.shape != info.shape:
+            skip = int(vocabularies and is_vocabulary_tensor(name))
+            if other.shape[skip:] != info.shape[skip:]:
+                hint = " (different vocabularies: set tokenizer_source: union)" if (
+                    is_vocabulary_tensor(name) and other.shape[1:] == info.shape[1:]) else ""
                 raise CheckpointError(
                     f"{other.file}: tensor {name!r} has shape {list(other.shape)}, "
-                    f"but {info.file} has {list(info.shape)}"
+                    f"but {info.file} has {list(info.shape)}{hint}"
                 )
 
 
@@ -398,111 +452,3 @@ def _output_dtype(config: MergeConfig, reference: Checkpoint) -> torch.dtype:
         return DTYPES[config.output_dtype]
     floats = [i.dtype for i in reference.tensors.values() if i.dtype.is_floating_point]
     return floats[0] if floats else torch.float32
-
-
-def gradient_position(name: str, num_layers: int) -> float:
-    """Where a tensor sits for gradient-valued parameters: layer i of L -> i/(L-1), others 0."""
-    match = LAYER_INDEX.search(name)
-    if match is None:
-        return 0.0
-    if num_layers <= 1:
-        return 1.0
-    return int(match.group(1)) / (num_layers - 1)
-
-
-# -------------------------------------------------------------------------- parameter resolution
-
-
-def evaluate_setting(setting: Setting, name: str, position: float) -> Any:
-    """A setting's value for one tensor: filters pick a branch, gradients interpolate."""
-    if isinstance(setting, Condition):
-        setting = [setting]
-    if isinstance(setting, list) and setting and isinstance(setting[0], Condition):
-        for condition in setting:
-            if condition.filter in (None, "*") or condition.filter in name:
-                return evaluate_setting(condition.value, name, position)
-        return None
-    if isinstance(setting, list):
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
-        if not numeric:
-            return setting[int(position * (len(setting) - 1))]
-        scaled = position * (len(setting) - 1)
-        low = int(scaled)
-        high = min(len(setting) - 1, low + 1)
-        return (1 - (scaled - low)) * setting[low] + (scaled - low) * setting[high]
-    return setting
-
-
-class ParamResolver:
-    """Resolves and validates the method's parameter models for each tensor, with mergekit's
-    precedence: each parameter takes its value from the first settings in a chain (a model's
-    own, then its slice's, then the merge's) that give one for this tensor, so a filter that
-    does not match falls through to the next level. Per-model parameters may be given at the
-    slice or merge level once for all models; method parameters only there.
-    """
-
-    def __init__(self, config: MergeConfig, method: MergeMethod):
-        self.method = method
-        self.model_fields = set(method.model_params.model_fields) | set(_aliases(method.model_params))
-        self.defaults: dict[str, Any] = {}
-        if config.mergekit_compat and "rescale_norm" in method.params.model_fields:
-            self.defaults["rescale_norm"] = "l1"
-        self._validate = lru_cache(maxsize=4096)(self._validate_uncached)
-
-    def resolve(
-        self,
-        name: str,
-        position: float,
-        shared: list[dict[str, Setting]],
-        per_model: list[tuple[str, list[dict[str, Setting]]]],
-    ) -> tuple[Params, tuple[Params, ...]]:
-        """`shared`: the chain for method parameters; `per_model`: (input tensor name, chain) per
-        model, whose first element is the model's own settings (every key of it applies)."""
-        values = {**self.defaults, **self._first_values(shared, name, position, own=False)}
-        params = self._validate(self.method.params, tuple(sorted(values.items())), None, name)
-        model_params = []
-        for index, (input_name, chain) in enumerate(per_model):
-            own = self._first_values(chain, input_name, position, own=True)
-            values = tuple(sorted(own.items()))
-            model_params.append(self._validate(self.method.model_params, values, index, name))
-        return params, tuple(model_params)
-
-    def _first_values(self, chain: list[dict[str, Setting]], name: str, position: float, own: bool) -> dict:
-        found: dict[str, Any] = {}
-        for level, settings in enumerate(chain):
-            for key, setting in settings.items():
-                is_model_key = key in self.model_fields
-                applies = (own and (level == 0 or is_model_key)) or (not own and not is_model_key)
-                if applies and key not in found:
-                    value = evaluate_setting(setting, name, position)
-                    if value is not None:
-                        found[key] = value
-        return found
-
-    def _validate_uncached(self, model: type[Params], values: tuple, scope: int | None, name: str) -> Params:
-        for key, value in values:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ParameterError(self.method.name, scope, key, f"must be a finite number, got {value}",
-                                     name, dict(values))
-        try:
-            return model.model_validate(dict(values))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(p) for p in error["loc"]) or "(value)"
-            raise ParameterError(self.method.name, scope, field, error["msg"], name, dict(values)) from None
-
-
-class ParameterError(ConfigError):
-    """A method parameter is invalid; says which field of which scope, so that an experiment can
-    name its own YAML field instead of the merge config it generated (`merge_harness.run.experiment`)."""
-
-    def __init__(self, method: str, scope: int | None, field: str, reason: str, tensor: str, given: dict):
-        self.method, self.scope, self.field, self.reason, self.tensor = method, scope, field, reason, tensor
-        where = "parameters" if scope is None else f"models[{scope}].parameters"
-        super().__init__(
-            f"{where}.{field}: {reason} (method {method}, tensor {tensor}; given {json.dumps(given)})"
-        )
-
-
-def _aliases(model: type[Params]) -> list[str]:
-    return [f.alias for f in model.model_fields.values() if f.alias]

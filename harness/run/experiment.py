@@ -49,7 +49,7 @@ from merge_harness.merge.config import (
     Setting,
     calibration_relative_to,
 )
-from merge_harness.merge.plan import ParameterError
+from merge_harness.merge.parameters import ParameterError
 from merge_harness.run.job_identity import (
     calibration_identity,
     merge_identity,
