@@ -98,6 +98,25 @@ def zoo_135m() -> dict[str, Path]:
     return zoo
 
 
+def perturbed(base: Path, out: Path, seed: int) -> Path:
+    """A stand-in fine-tune: seeded noise on the attention and MLP weights of the real model."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_file(base / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in state.items():
+        if ".self_attn." in name or ".mlp." in name:
+            tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=0.002)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    for extra in base.iterdir():
+        if extra.suffix in {".json", ".jinja"}:
+            (out / extra.name).write_bytes(extra.read_bytes())
+    return out
+
+
 # ------------------------------------------------------------------------------ results table
 
 

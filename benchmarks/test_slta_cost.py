@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from benchmarks.conftest import perturbed
 
 BENCH_DIR = Path(__file__).parent
 RESULTS = BENCH_DIR / "results" / "slta_cost.json"
@@ -25,25 +26,6 @@ TASKS = ("math", "code", "qa")  # toy task generators standing in for the paper'
 N = 30
 
 smollm2 = pytest.importorskip("merge_harness.zoo.smollm2")
-
-
-def perturbed(base: Path, out: Path, seed: int) -> Path:
-    """A stand-in fine-tune: seeded noise on the attention and MLP weights of the real model."""
-    from safetensors.torch import load_file, save_file
-
-    if (out / "model.safetensors").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    state = load_file(base / "model.safetensors")
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in state.items():
-        if ".self_attn." in name or ".mlp." in name:
-            tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=0.002)
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    for extra in base.iterdir():
-        if extra.suffix in {".json", ".jinja"}:
-            (out / extra.name).write_bytes(extra.read_bytes())
-    return out
 
 
 def calibration_file(root: Path, task: str) -> Path:

@@ -37,12 +37,12 @@ from merge_harness.store.database import ResultStore
 experiment_path, log, lease_s, out = sys.argv[1:5]
 original = driver.run_model_job
 
-def logged_run_model_job(job, pending, experiment, sink):
+def logged_run_model_job(job, pending, experiment, sink, models=None):
     def sink_and_log(result):
         sink(result)
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {time.time()} {result.key}\\n")
-    original(job, pending, experiment, sink_and_log)
+    original(job, pending, experiment, sink_and_log, models)
 
 driver.run_model_job = logged_run_model_job
 experiment = load_experiment(experiment_path)

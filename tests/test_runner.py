@@ -208,10 +208,10 @@ def test_any_exception_in_a_job_is_its_one_line_failure_and_the_run_goes_on(chat
 
     original = driver.run_model_job
 
-    def broken_ties(job, pending, experiment, sink):
+    def broken_ties(job, pending, experiment, sink, models=None):
         if job.label == "ties":
             raise ValueError("unexpected\nsecond line of detail")
-        original(job, pending, experiment, sink)
+        original(job, pending, experiment, sink, models)
 
     monkeypatch.setattr(driver, "run_model_job", broken_ties)
     experiment = two_merge_experiment(chat_zoo, tmp_path)
@@ -226,7 +226,7 @@ def test_any_exception_in_a_job_is_its_one_line_failure_and_the_run_goes_on(chat
 def test_keyboard_interrupt_is_not_swallowed_and_releases_the_claims(chat_zoo, tmp_path, monkeypatch):
     import merge_harness.run.driver as driver
 
-    def interrupted(job, pending, experiment, sink):
+    def interrupted(job, pending, experiment, sink, models=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(driver, "run_model_job", interrupted)

@@ -93,6 +93,18 @@ def build_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]):
     return model.eval()
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights by checkpoint name, each storage once: a tied lm_head is not listed
+    apart from the embedding it shares (as a checkpoint of a tied model does not store it)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
+    return tensors
+
+
 def _materialize_buffers(model: torch.nn.Module) -> None:
     """Non-persistent buffers (e.g. rotary `inv_freq`) are computed, not stored: they were made
     on the meta device, so rebuild each such module from its config on the CPU and take its buffers.

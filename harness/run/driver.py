@@ -17,7 +17,7 @@ from merge_harness.core.errors import HarnessError
 from merge_harness.core.progress import Bar
 from merge_harness.core.results import JobResult
 from merge_harness.run.experiment import ModelJob, TaskJob
-from merge_harness.run.worker import run_model_job
+from merge_harness.run.worker import ModelCache, run_model_job
 from merge_harness.store.claims import Claims
 from merge_harness.store.database import ResultStore, utc_now
 
@@ -113,8 +113,12 @@ class LocalExecutor:
 
     name = "local"
 
+    def __init__(self, reuse_models: bool = True) -> None:
+        self.reuse_models = reuse_models  # merge every job into one model object (ModelCache)
+
     def run(self, work: list[Unit], experiment: str, driver: Driver) -> None:
+        models = ModelCache() if self.reuse_models else None
         for job, pending in work:
             if tasks := driver.claim(job, pending):  # claimed just before building the model
                 with driver.holding(job, tasks):
-                    run_model_job(job, tasks, experiment, driver.record)
+                    run_model_job(job, tasks, experiment, driver.record, models)

@@ -8,6 +8,7 @@ the store, so it can run on any host.
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -72,29 +73,72 @@ def searched_merge(job: ModelJob) -> tuple[MergeConfig | None, dict | None]:
     return at(result.chosen), selected
 
 
-def load_job_model(job: ModelJob, merge: MergeConfig | None = None):
-    """(model, tokenizer, merge outcome or None): merges in memory, others from their directory."""
-    from merge_harness.io.models import build_model, load_pretrained, load_tokenizer, resolve_model
-    from merge_harness.merge.engine import merge_state_dict
+class ModelCache:
+    """One model object reused by a run's merge jobs: each merge is written into its parameters
+    in place (`merge_into`) instead of into a fresh state dict and model per job.
 
-    merge = merge or job.merge
-    if merge is not None:
+    It holds the model of the last merged layout (the merged config.json: architecture, sizes,
+    dtype); a merge with another layout, or by a model-level method (SLTA, RegMean, Fisher: they
+    hold the base model and a whole merged state anyway), builds a new model, which replaces it.
+    The executor that runs jobs one after another in a process owns one for the run.
+    """
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._model = None
+
+    def merged_model(self, merge: MergeConfig):
+        """(model, merge outcome) for `merge`, reusing the held model where its layout fits."""
+        from merge_harness.io.models import build_model, model_tensors
+        from merge_harness.merge.engine import layout_mismatch, merge_into, merge_state_dict
+        from merge_harness.merge.plan import build_plan
+
+        plan = build_plan(merge)
+        key = json.dumps(plan.out_config, sort_keys=True)
+        # A model-level method holds the base model and its whole merged state at once: writing
+        # that into a held model would add a third copy, so the held one is freed instead.
+        if self._model is not None and key == self._key and plan.method.streaming:
+            tensors = model_tensors(self._model)
+            if layout_mismatch(plan, tensors) is None:  # e.g. an evaluation cast it: build anew
+                return self._model, merge_into(plan, tensors)
+        self._key = self._model = None  # the old model's memory is free before the new merge
         outcome = merge_state_dict(merge)
         model = build_model(outcome.model_config, outcome.state)
         outcome.state = None  # the model owns the tensors now
+        self._key, self._model = key, model
+        return model, outcome
+
+
+def load_job_model(job: ModelJob, merge: MergeConfig | None = None, models: ModelCache | None = None):
+    """(model, tokenizer, merge outcome or None): merges in memory (into `models`' model where
+    it fits), other models from their directory."""
+    from merge_harness.io.models import load_pretrained, load_tokenizer, resolve_model
+
+    merge = merge or job.merge
+    if merge is not None:
+        model, outcome = (models or ModelCache()).merged_model(merge)
         return model, load_tokenizer(outcome.tokenizer_dir), outcome
     path = resolve_model(job.model_ref)
     return load_pretrained(path), load_tokenizer(path), None
 
 
-def run_model_job(job: ModelJob, pending: Sequence[TaskJob], experiment: str, sink: ResultSink) -> None:
-    """Build one model and evaluate it on its pending tasks, handing each result to `sink`."""
+def run_model_job(
+    job: ModelJob,
+    pending: Sequence[TaskJob],
+    experiment: str,
+    sink: ResultSink,
+    models: ModelCache | None = None,
+) -> None:
+    """Build one model and evaluate it on its pending tasks, handing each result to `sink`.
+
+    `models`: the run's model to merge into (jobs run one after another); None builds a fresh one.
+    """
     from merge_harness.evaluate.evaluator import evaluate
 
     reset_peak_rss()  # the recorded peak is this job's: building the model and evaluating it
     start = time.perf_counter()
     merge, selected = searched_merge(job)
-    model, tokenizer, outcome = load_job_model(job, merge)
+    model, tokenizer, outcome = load_job_model(job, merge, models)
     build_seconds = time.perf_counter() - start
     coefficients = outcome.coefficients if outcome else []
     for task in pending:
