@@ -14,7 +14,8 @@ lent machines have no network: docs/scale_out.md says which wheels travel with t
   and their difference from the CPU run's table (`--cpu-table`);
 - `speed`: task arithmetic and TIES on a SmolLM2-135M-shaped random zoo (three fine-tunes),
   in memory, CPU (all cores) against CUDA, best of two runs each;
-- `vllm`: the vLLM backend against HF on the task-arithmetic merge when vllm imports, else why not.
+- `vllm`: the vLLM backend against HF on the task-arithmetic merge when vllm imports, else why not
+  (`benchmarks/vllm_check.py` measures throughput and agreement on the SmolLM2 zoo, one engine).
 
 `--device cpu` runs the same script without a GPU (a dry run: every difference is then 0).
 """

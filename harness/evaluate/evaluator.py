@@ -25,13 +25,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_harness.core.errors import EvaluationError, HarnessError
 from merge_harness.core.results import JobResult, Score
 from merge_harness.tasks import TASKS_DIR
+
+if TYPE_CHECKING:
+    from merge_harness.evaluate.vllm_backend import VllmEngine
 
 NO_FILTER = "none"
 
@@ -196,11 +199,13 @@ def evaluate(
     tasks: Sequence[str],
     settings: EvalSettings,
     catalog: TaskCatalog | None = None,
+    engine: VllmEngine | None = None,
 ) -> EvaluationReport:
     """Evaluate an in-memory transformers model on lm-eval tasks.
 
     `tokenizer` is a tokenizer or the directory to load it from (as `merge_model` returns);
     the model is moved to `settings.device` in place. Unknown tasks fail before any model work.
+    `engine`: the vLLM engine to swap the model into (backend "vllm"; default: this process's).
     """
     import lm_eval
 
@@ -210,7 +215,7 @@ def evaluate(
     scores: list[Score] = []
     versions = {"lm_eval": lm_eval.__version__, **_library_versions()}
     samples: list[dict[str, Any]] | None = [] if settings.log_samples else None
-    with _wrapped_model(model, tokenizer, settings) as (lm, setup_seconds):
+    with _wrapped_model(model, tokenizer, settings, engine) as (lm, setup_seconds):
         for name in tasks:
             results = _run_task(lm, name, settings, catalog)
             scores += parse_scores(results)
@@ -221,22 +226,25 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _wrapped_model(model: Any, tokenizer: Any, settings: EvalSettings) -> Iterator[tuple[Any, float]]:
+def _wrapped_model(
+    model: Any, tokenizer: Any, settings: EvalSettings, engine: VllmEngine | None = None
+) -> Iterator[tuple[Any, float]]:
     """lm-eval's model object for the chosen backend, and the seconds its setup took.
 
-    "hf" wraps the in-memory model (no disk); "vllm" hands a RAM-backed copy to vLLM, which
-    cannot adopt an in-memory model (see merge_harness.evaluate.vllm_backend), and removes it afterwards.
+    "hf" wraps the in-memory model (no disk); "vllm" puts the model into one engine that the
+    process keeps across models: built once from a RAM-backed copy, then weights swapped in place
+    (see merge_harness.evaluate.vllm_backend).
     """
     if isinstance(tokenizer, (str, Path)):
         from merge_harness.io.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     if settings.backend == "vllm":
-        from merge_harness.evaluate.vllm_backend import VllmOptions, staged_model, vllm_lm
+        from merge_harness.evaluate.vllm_backend import VllmOptions, process_engine
 
-        with staged_model(model, tokenizer) as (directory, save_seconds):
-            options = VllmOptions(tensor_parallel_size=settings.tensor_parallel_size)
-            yield vllm_lm(directory, options, settings.batch_size, settings.seed), save_seconds
+        options = VllmOptions(tensor_parallel_size=settings.tensor_parallel_size)
+        engine = engine or process_engine()
+        yield engine.lm_for(model, tokenizer, options, settings.batch_size, settings.seed)
         return
     from lm_eval.models.huggingface import HFLM
 
