@@ -66,9 +66,10 @@ def disjoint_merge(
 
     Entries where no task agrees stay 0 (the divisor is set to 1 there).
     """
-    merged = (weighted_deltas * mask).sum(dim=0)
+    ones = mask.to(weighted_deltas.dtype)  # float * float is the same product as float * bool, faster
+    merged = (weighted_deltas * ones).sum(dim=0)
     if normalize:
-        divisor = torch.tensordot(weights.reshape(-1), mask.to(weights.dtype), dims=1)  # sum_t w_t m_t
+        divisor = torch.tensordot(weights.reshape(-1), ones, dims=1)  # sum_t w_t m_t
         divisor[divisor == 0] = 1
         merged /= divisor
     return merged
