@@ -34,7 +34,17 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process so far (Linux reports `ru_maxrss` in KiB)."""
+    """Peak resident set of this process image so far: VmHWM, which starts afresh at exec.
+
+    Not `ru_maxrss`: Linux carries it over from the parent at fork, through exec, so a child of
+    a large parent would report at least the parent's resident set (the fallback elsewhere).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -22,7 +22,14 @@ import torch
 from pydantic import Field
 
 from merge_harness.merges.base import MergeMethod
-from merge_harness.merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, average
+from merge_harness.merges.model_level import (
+    CalibratedParams,
+    CalibrationInputs,
+    FineTuneTensors,
+    LazyState,
+    ModelMerge,
+    average,
+)
 
 
 class FisherParams(CalibratedParams):
@@ -42,31 +49,39 @@ def fisher_average(
 
 
 def merge_fisher(inputs: CalibrationInputs, params: FisherParams) -> ModelMerge:
-    """Accumulate sum_t (F_t + eps) theta_t and sum_t (F_t + eps), one fine-tune at a time.
+    """Accumulate sum_t (F_t + eps) theta_t and sum_t (F_t + eps) in place, one fine-tune at a time.
 
-    Accumulators are float32 (two model-sized buffers), so memory stays ~3x the model.
+    The accumulators are float32, two model-sized buffers; while fine-tune t's Fisher is made,
+    its network and F_t exist besides them (about 4x the model). Each merged tensor is the ratio
+    of its two sums, made when the engine takes it, which frees those sums.
     """
     names = inputs.tensor_names()
-    count = len(inputs.tasks)
     numerator: dict[str, torch.Tensor] = {}
     denominator: dict[str, torch.Tensor] = {}
-    for k in range(count):
+    for k in range(len(inputs.tasks)):
         fisher = inputs.squared_gradients(k)
         for name in names:
             value = inputs.read(k, name)
-            weight = fisher[name] + params.epsilon if name in fisher else torch.ones_like(value)
-            numerator[name] = numerator.get(name, 0) + weight * value
-            denominator[name] = denominator.get(name, 0) + weight
+            weight = fisher.pop(name) + params.epsilon if name in fisher else torch.ones_like(value)
+            if name in denominator:
+                denominator[name].add_(weight)
+                numerator[name].add_(weight.mul_(value))
+            else:  # the first fine-tune starts each sum as 0 + x (as the sums always did)
+                denominator[name] = 0 + weight
+                numerator[name] = weight.mul_(value).add_(0)
         del fisher
-    state = {}
-    for name in names:
-        total = denominator.pop(name)
-        merged = numerator.pop(name) / torch.where(total > 0, total, 1.0)
+
+    def make(name: str) -> torch.Tensor:
+        total = denominator[name]
+        merged = numerator[name] / torch.where(total > 0, total, 1.0)
         if not bool((total > 0).all()):  # eps = 0 and no gradient anywhere: the plain mean
-            plain = average([inputs.read(k, name) for k in range(count)])
-            merged = torch.where(total > 0, merged, plain)
-        state[name] = merged
-    return ModelMerge(state)
+            merged = torch.where(total > 0, merged, average(FineTuneTensors(inputs, name)))
+        return merged
+
+    def release(name: str) -> None:
+        del numerator[name], denominator[name]
+
+    return ModelMerge(LazyState(names, make, release))
 
 
 METHOD = MergeMethod(

@@ -11,12 +11,19 @@ Statistics are streamed layer by layer (generators), so a method never holds mor
 layer's worth of them. Everything in here is shapes and math; the engine owns files, devices,
 batching and progress.
 
+`ModelMerge.state` maps every name of `inputs.tensor_names()` to its merged float32 tensor. A
+plain dict is fine. A method that can make its tensors one at a time once the statistics are in
+returns a `LazyState` instead: the engine takes each tensor (`pop`) just before it writes it to
+disk or into a model, so the whole merged model never exists besides its destination, and the
+method's own buffers for that tensor are released as it goes. Errors raised while a lazy tensor
+is made (ValueError, RuntimeError) are reported like errors of `merge_model` itself.
+
 Indices: fine-tune k (= task k, 0-based, config order); `None` is the base model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -108,12 +115,71 @@ class CalibrationInputs(Protocol):
 
 @dataclass
 class ModelMerge:
-    """What a model-level method returns: float32 tensors by name, and any solved coefficients."""
+    """What a model-level method returns: float32 tensors by name (a dict or a `LazyState`),
+    and any solved coefficients."""
 
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]
     coefficients: list[Coefficient] = field(default_factory=list)
 
 
+class LazyState(Mapping[str, torch.Tensor]):
+    """Merged tensors made on request: `state[name]` is `make(name)`; `pop(name)` also calls
+    `release(name)`, which frees what only that tensor needed (e.g. its Fisher sums)."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        make: Callable[[str], torch.Tensor],
+        release: Callable[[str], None] = lambda name: None,
+    ):
+        self._names, self._make, self._release = list(names), make, release
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def pop(self, name: str) -> torch.Tensor:
+        tensor = self[name]
+        self._release(name)
+        return tensor
+
+
+class FineTuneTensors(Sequence[torch.Tensor]):
+    """Tensor `name` of every fine-tune, read when indexed: iterating holds one at a time."""
+
+    def __init__(self, inputs: CalibrationInputs, name: str):
+        self._inputs, self._name = inputs, name
+
+    def __len__(self) -> int:
+        return len(self._inputs.tasks)
+
+    def __getitem__(self, index):  # an int (a slice gives a list)
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self._inputs.read(index % len(self), self._name)
+
+
 def average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The plain element-wise mean of the fine-tunes (what data-driven methods fall back to)."""
-    return torch.stack(list(tensors)).mean(dim=0)
+    """The plain element-wise mean of the fine-tunes (what data-driven methods fall back to).
+
+    The stack (T, *S) is filled one tensor at a time, so a lazy `tensors` (`FineTuneTensors`)
+    holds one input besides it; the mean is that of `torch.stack(tensors)`, bit for bit."""
+    first = tensors[0]
+    stacked = torch.empty((len(tensors), *first.shape), dtype=first.dtype, device=first.device)
+    stacked[0] = first
+    del first
+    for index in range(1, len(tensors)):
+        stacked[index] = tensors[index]
+    return stacked.mean(dim=0)

@@ -26,7 +26,14 @@ import torch
 from pydantic import Field
 
 from merge_harness.merges.base import MergeMethod
-from merge_harness.merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, average
+from merge_harness.merges.model_level import (
+    CalibratedParams,
+    CalibrationInputs,
+    FineTuneTensors,
+    LazyState,
+    ModelMerge,
+    average,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +65,19 @@ def regmean_linear(
 
 
 def merge_regmean(inputs: CalibrationInputs, params: RegMeanParams) -> ModelMerge:
+    """Linear layers solved layer by layer as their Grams stream in; every other tensor is
+    averaged when the engine takes it."""
     count = len(inputs.tasks)
     merged: dict[str, torch.Tensor] = {}
     for layer in inputs.input_grams():
         for name, grams in layer.grams.items():
             weights = [inputs.read(k, name) for k in range(count)]
             merged[name] = regmean_linear(weights, grams, params.alpha, name)
-    state = {}
-    for name in inputs.tensor_names():
-        state[name] = merged.pop(name, None)
-        if state[name] is None:
-            state[name] = average([inputs.read(k, name) for k in range(count)])
-    return ModelMerge(state)
+
+    def make(name: str) -> torch.Tensor:
+        return merged[name] if name in merged else average(FineTuneTensors(inputs, name))
+
+    return ModelMerge(LazyState(inputs.tensor_names(), make, lambda name: merged.pop(name, None)))
 
 
 METHOD = MergeMethod(

@@ -61,7 +61,14 @@ from pydantic import Field
 from merge_harness.core.errors import MethodError
 from merge_harness.core.results import Coefficient
 from merge_harness.merges.base import MergeMethod
-from merge_harness.merges.model_level import CalibratedParams, CalibrationInputs, ModelMerge, Submodule
+from merge_harness.merges.model_level import (
+    CalibratedParams,
+    CalibrationInputs,
+    FineTuneTensors,
+    LazyState,
+    ModelMerge,
+    Submodule,
+)
 from merge_harness.merges.task_vectors import task_vectors
 
 logger = logging.getLogger(__name__)
@@ -137,10 +144,15 @@ def solve_coefficients(
 
 
 def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
-    """theta_0 + sum_t a_t (theta_t - theta_0), in float32 (float64 stays float64)."""
+    """theta_0 + sum_t a_t (theta_t - theta_0), in float32 (float64 stays float64).
+
+    Memory: base, the task vectors (T, *S) and the result, plus one of `tensors` at a time when
+    it reads them lazily (`FineTuneTensors`)."""
     deltas = task_vectors(base, tensors)  # (T, *S)
     weights = a.to(deltas.dtype).to(deltas.device)
-    return base.to(deltas.dtype) + torch.tensordot(weights, deltas, dims=1)
+    merged = torch.tensordot(weights, deltas, dims=1)
+    del deltas
+    return merged.add_(base.to(merged.dtype))  # = base + sum_t a_t tau_t (addition commutes exactly)
 
 
 # ---------------------------------------------------------------------------------- the method
@@ -181,25 +193,25 @@ def solve_all(
 
 
 def merge_slta(inputs: CalibrationInputs, params: SltaParams) -> ModelMerge:
-    """Algorithm 1: solve a per submodule, then theta_0 + sum_t a_t tau_t tensor by tensor."""
+    """Algorithm 1: solve a per submodule, then theta_0 + sum_t a_t tau_t tensor by tensor
+    (lazily: each merged tensor is made when the engine takes it)."""
     solved = solve_all(collect_equations(inputs, params), params)
     mean = torch.stack([a for _, a in solved.values()]).mean(dim=0)
     non_layer = mean if params.non_layer_coefficient is None else torch.full_like(
         mean, float(params.non_layer_coefficient)
     )
     owners = [(subs, a) for subs, a in solved.values()]
-    state = {}
-    count = len(inputs.tasks)
-    for name in inputs.tensor_names():
+
+    def merged(name: str) -> torch.Tensor:
         a = next((a for subs, a in owners if any(s.owns(name) for s in subs)), non_layer)
-        base = inputs.read(None, name)
-        state[name] = combine(base, [inputs.read(k, name) for k in range(count)], a)
+        return combine(inputs.read(None, name), FineTuneTensors(inputs, name), a)
+
     coefficients = [
         Coefficient(group, task, float(value))
         for group, (_, a) in [*solved.items(), (NON_LAYER, ((), non_layer))]
         for task, value in zip(inputs.tasks, a.tolist())
     ]
-    return ModelMerge(state, coefficients)
+    return ModelMerge(LazyState(inputs.tensor_names(), merged), coefficients)
 
 
 METHOD = MergeMethod(

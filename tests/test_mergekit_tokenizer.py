@@ -368,7 +368,7 @@ def test_no_copy_tokenizer_still_writes_a_merged_vocabularys_tokenizer(zoo, tmp_
     config, _ = case_config("union_task_arithmetic", zoo)
     outcome = merge_to_disk(MergeConfig.model_validate(config), tmp_path / "ours", show_progress=False,
                             copy_tokenizer=False)
-    assert (outcome.out_dir / "tokenizer.json").exists()  # weights in a new vocabulary need it, as in mergekit
+    assert (outcome.out_dir / "tokenizer.json").exists()  # the weights' new vocabulary needs it (mergekit)
     assert any("--no-copy-tokenizer" in note for note in outcome.notes)
     same = {"merge_method": "linear", "models": [{"model": str(zoo["base"]), "parameters": {"weight": 1.0}}]}
     plain = merge_to_disk(MergeConfig.model_validate(same), tmp_path / "plain", show_progress=False,

@@ -6,17 +6,20 @@
 2. the tokenizer (tokenizer_source, else the base) must match every fine-tune's vocabulary;
 3. each fine-tune's calibration set is drawn from its `calibration:` source (train split) in the
    template it was trained with, or given by the caller as token batches;
-4. the base model (or, for methods without a base, the first fine-tune) is built in memory in
-   float32 on `config.device`; fine-tunes are read one layer at a time (SLTA, RegMean) or one
-   whole model at a time (Fisher) by `merge_harness.merge.features.LayerwiseFeatures`;
-5. the method's `merge_model(inputs, params)` returns float32 tensors and its coefficients,
-   which are cast to the output dtype and checked for NaN/inf.
+4. for SLTA and RegMean the base model (or, for methods without a base, the first fine-tune)
+   is built in memory in float32 on `config.device` and dropped once its statistics stream
+   ends; fine-tunes are read one layer at a time (SLTA, RegMean) or one whole model at a time
+   (Fisher) by `merge_harness.merge.features.LayerwiseFeatures`;
+5. the method's `merge_model(inputs, params)` returns float32 tensors (made lazily where the
+   method can) and its coefficients; `calibrated_tensors` hands them on one at a time in plan
+   order, cast to the output dtype and checked for NaN/inf, so a merge to disk or into a model
+   never holds the whole merged state besides its destination.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -53,6 +56,27 @@ def merge_calibrated(
     fine-tune's `calibration:` source is drawn and tokenized).
     """
     start = time.perf_counter()
+    outcome, tensors = calibrated_tensors(
+        config, show_progress=show_progress, plan=plan, calibration=calibration
+    )
+    outcome.state = dict(tensors)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def calibrated_tensors(
+    config: MergeConfig,
+    *,
+    show_progress: bool = False,
+    plan: MergePlan | None = None,
+    calibration: Sequence[CalibrationSet] | None = None,
+) -> tuple[MergeOutcome, Iterator[tuple[str, torch.Tensor]]]:
+    """Calibrate and solve; the merged tensors follow one at a time, `finished_tensors`.
+
+    The outcome (state None) holds the coefficients and forward passes; its `seconds` cover the
+    calibration only, until the caller has taken the tensors.
+    """
+    start = time.perf_counter()
     plan = plan or build_plan(config)
     method = plan.method
     if method.merge_model is None:
@@ -68,7 +92,7 @@ def merge_calibrated(
     names = [task.info.name for task in plan.tasks if task.params is not None]
     with progress_bar(_layer_count(reference), f"calibrating ({method.name})", show_progress) as advance:
         inputs = LayerwiseFeatures(
-            reference_model(reference, config.device),
+            lambda: reference_model(reference, config.device),  # built only if a stream needs it
             plan.base,
             plan.models,
             data,
@@ -82,18 +106,17 @@ def merge_calibrated(
             merged = method.merge_model(inputs, params)
         except (ValueError, RuntimeError) as exc:
             raise MethodError(f"{method.name} failed: {exc}") from exc
-    state = finish_state(plan, merged.state)
-    seconds = time.perf_counter() - start
-    return MergeOutcome(
-        state,
+    outcome = MergeOutcome(
         None,
-        seconds,
+        None,
+        time.perf_counter() - start,
         len(plan.tasks),
         merged.coefficients,
         model_config=plan.out_config,
         tokenizer_dir=plan.sidecar_source,
         forward_passes=inputs.forward_passes(),
     )
+    return outcome, finished_tensors(plan, merged.state)
 
 
 def method_params(plan: MergePlan) -> Params:
@@ -178,22 +201,30 @@ def reference_model(checkpoint: Checkpoint, device: str) -> torch.nn.Module:
     return build_model(checkpoint.config, state).to(device)
 
 
-def finish_state(plan: MergePlan, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plan order, output dtypes, non-float tensors passed through, NaN/inf refused."""
+def finished_tensors(
+    plan: MergePlan, merged: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Plan order, output dtypes, non-float tensors passed through, NaN/inf refused.
+
+    Each tensor is taken out of `merged` (`pop`: a dict lets go of it, a `LazyState` makes it
+    now and frees what it needed) just before it is handed on."""
     reference = plan.base or plan.models[0]
-    state = {}
+    name = plan.method.name
     for task in plan.tasks:
-        name = task.info.name
+        tensor_name = task.info.name
         if task.params is None:
-            state[name] = reference.read(name)
+            yield tensor_name, reference.read(tensor_name)
             continue
-        if name not in merged:
-            raise MethodError(f"{plan.method.name} returned no tensor {name!r}")
-        tensor = merged.pop(name)
+        if tensor_name not in merged:
+            raise MethodError(f"{name} returned no tensor {tensor_name!r}")
+        try:
+            tensor = merged.pop(tensor_name) if hasattr(merged, "pop") else merged[tensor_name]
+        except (ValueError, RuntimeError) as exc:
+            raise MethodError(f"{name} failed on tensor {tensor_name!r}: {exc}") from exc
         if not torch.isfinite(tensor).all():
-            raise MethodError(f"{plan.method.name} produced NaN/inf in tensor {name!r}")
-        state[name] = tensor.to(task.info.dtype)
-    return state
+            raise MethodError(f"{name} produced NaN/inf in tensor {tensor_name!r}")
+        tensor = tensor.to(task.info.dtype)  # the float32 one goes now, not at the next tensor
+        yield tensor_name, tensor
 
 
 def _layer_count(checkpoint: Checkpoint) -> int:

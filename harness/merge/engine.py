@@ -165,11 +165,15 @@ def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[t
             advance()
 
 
-def _calibrated(plan: MergePlan, show_progress: bool, calibration: Sequence | None = None) -> MergeOutcome:
-    """Model-level methods (calibration data, whole-model statistics): see merge_harness.merge.data_driven."""
-    from merge_harness.merge.data_driven import merge_calibrated
+def _calibrated(
+    plan: MergePlan, show_progress: bool, calibration: Sequence | None = None
+) -> tuple[MergeOutcome, Iterator[tuple[str, torch.Tensor]]]:
+    """Model-level methods (calibration data, whole-model statistics): see merge_harness.merge.data_driven.
 
-    return merge_calibrated(plan.config, show_progress=show_progress, plan=plan, calibration=calibration)
+    Calibrates and solves now; the merged tensors follow one at a time in plan order."""
+    from merge_harness.merge.data_driven import calibrated_tensors
+
+    return calibrated_tensors(plan.config, show_progress=show_progress, plan=plan, calibration=calibration)
 
 
 def _write_coefficients(plan: MergePlan, outcome: MergeOutcome, out_dir: Path) -> None:
@@ -213,14 +217,13 @@ def merge_to_disk(
         copy_tokenizer = True
         notes.append("--no-copy-tokenizer: the tokenizer is written anyway (the embeddings are laid out "
                      "in its new vocabulary)")
-    calibrated = None if plan.method.streaming else _calibrated(plan, show_progress)
+    if plan.method.streaming:
+        calibrated, merged = None, iter_merged(plan, config.device, show_progress)
+    else:  # calibrates and solves now; each merged tensor is made as the writer takes it
+        calibrated, merged = _calibrated(plan, show_progress)
     writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
     try:
-        if calibrated is None:
-            write_behind(iter_merged(plan, config.device, show_progress), writer)
-        else:
-            for task in plan.tasks:
-                writer.write(task.info.name, calibrated.state.pop(task.info.name))
+        write_behind(merged, writer)
         writer.commit(plan.sidecar_source, plan.out_config, extra_files, copy_tokenizer)
     except BaseException:
         writer.abort()
@@ -268,7 +271,10 @@ def merge_state_dict(
     start = time.perf_counter()
     plan = build_plan(config)
     if not plan.method.streaming:
-        return _calibrated(plan, show_progress, calibration)
+        outcome, merged = _calibrated(plan, show_progress, calibration)
+        outcome.state = dict(merged)
+        outcome.seconds = time.perf_counter() - start
+        return outcome
     state = dict(iter_merged(plan, config.device, show_progress))
     seconds = time.perf_counter() - start
     return MergeOutcome(state, None, seconds, len(plan.tasks), [], plan.out_config, plan.sidecar_source)
@@ -288,14 +294,12 @@ def merge_into(
     if misfit:
         raise MethodError(f"cannot merge into the given model: {misfit}")
     if plan.method.streaming:
-        for name, merged in iter_merged(plan, plan.config.device, show_progress):
-            tensors[name].copy_(merged)
         outcome = MergeOutcome(None, None, 0.0, len(plan.tasks))
+        merged = iter_merged(plan, plan.config.device, show_progress)
     else:
-        outcome = _calibrated(plan, show_progress)
-        for task in plan.tasks:
-            tensors[task.info.name].copy_(outcome.state.pop(task.info.name))
-        outcome.state = None
+        outcome, merged = _calibrated(plan, show_progress)  # its tensors come one at a time too
+    for name, tensor in merged:
+        tensors[name].copy_(tensor)
     outcome.seconds = time.perf_counter() - start
     outcome.model_config, outcome.tokenizer_dir = plan.out_config, plan.sidecar_source
     return outcome

@@ -1,10 +1,12 @@
 """Layer-wise statistics of Llama-family decoders on calibration data, for model-level merges.
 
 `LayerwiseFeatures` implements `merge_harness.merges.model_level.CalibrationInputs`. The base model
-is built in
-memory once; a fine-tune is never loaded whole for SLTA and RegMean: layer i of fine-tune k is
-read from its checkpoint and run through the base model's layer module with
-`torch.func.functional_call`. Supported: Llama, Mistral, Qwen2 (`model.layers[i]` with
+is built in memory when a statistics stream first needs it (SLTA, RegMean; Fisher never does) and
+dropped as soon as that stream is exhausted; a fine-tune is never loaded whole for SLTA and
+RegMean: layer i of fine-tune k is read from its checkpoint and run through the base model's
+layer module with `torch.func.functional_call`. Fisher builds one fine-tune's network at a time
+and squares each parameter's gradient as backward produces it, so no full set of gradients
+exists besides the Fisher accumulator. Supported: Llama, Mistral, Qwen2 (`model.layers[i]` with
 input_layernorm, self_attn, post_attention_layernorm, mlp, pre-norm residual blocks).
 
 SLTA (Algorithm 1): the base model embeds each task's tokens; a forward pre-hook on layer 0
@@ -121,11 +123,15 @@ def mlp_block(layer, params: LayerParams, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class LayerwiseFeatures:
-    """The engine side of `CalibrationInputs`: base model in memory, fine-tunes read per layer."""
+    """The engine side of `CalibrationInputs`: base model in memory, fine-tunes read per layer.
+
+    `model`: the reference model, or a function that builds it; a built one is dropped when the
+    stream that needed it ends (a given model is kept: it is the caller's).
+    """
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | Callable[[], torch.nn.Module],
         base: Checkpoint | None,
         models: Sequence[Checkpoint],
         data: Sequence[CalibrationSet],
@@ -136,11 +142,42 @@ class LayerwiseFeatures:
         batch_size: int = 8,
         advance: Callable[[], None] = lambda: None,
     ):
-        self.model, self.base, self.models, self.data = model, base, list(models), list(data)
+        self.base, self.models, self.data = base, list(models), list(data)
         self._tasks, self._names = tuple(tasks), list(names)
         self.device, self.batch_size, self.advance = device, batch_size, advance
-        self.prefix, self.layers = decoder_layers(model)
         self.passes: Counter[tuple[str, str]] = Counter()  # (model, task) -> examples x layers
+        self._build = None if isinstance(model, torch.nn.Module) else model
+        self._model: torch.nn.Module | None = None
+        self.num_layers = 0  # known once a model is built
+        if self._build is None:
+            self._use(model)
+
+    # ----------------------------------------------------------------- the reference model
+    def _use(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self.prefix, self._layers = decoder_layers(model)
+        self.num_layers = len(self._layers)
+
+    def _reference(self) -> torch.nn.Module:
+        if self._model is None:
+            self._use(self._build())
+        return self._model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The reference model, built on first use."""
+        return self._reference()
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The reference model's decoder layers (building it on first use)."""
+        self._reference()
+        return self._layers
+
+    def _release(self) -> None:
+        """Drop a reference model built here (its layer modules too), once its stream is done."""
+        if self._build is not None:
+            self._model = self._layers = None
 
     # ----------------------------------------------------------------------------- reading
     @property
@@ -168,7 +205,7 @@ class LayerwiseFeatures:
     def forward_passes(self) -> dict[str, float]:
         """Full-forward equivalents per 'model@task' (1.0 = one forward of that calibration set)."""
         sizes = dict(zip(self._tasks, (d.num_examples for d in self.data)))
-        layers = len(self.layers)
+        layers = self.num_layers or 1
         return {f"{m}@{t}": n / (sizes[t] * layers) for (m, t), n in sorted(self.passes.items())}
 
     def _count(self, model: str, task: int, examples: int) -> None:
@@ -211,17 +248,20 @@ class LayerwiseFeatures:
     def submodule_deltas(self, granularity: FeatureGranularity) -> Iterator[DeltaBatch]:
         if self.base is None:
             raise MethodError("slta needs a base model (base_model: in the merge config)")
-        streams = [self._embed(t) for t in range(len(self.data))]
-        for index, layer in enumerate(self.layers):
-            thetas = [self.layer_params(k, index) for k in range(len(self.models))]
-            subs = self.submodules(index, granularity)
-            for task, chunks in enumerate(streams):
-                for chunk in chunks:
-                    with torch.no_grad():
-                        yield from self._chunk_deltas(layer, thetas, chunk, task, subs)
-                for model in ("base", *self._tasks):
-                    self._count(model, task, self.data[task].num_examples)
-            self.advance()
+        try:
+            streams = [self._embed(t) for t in range(len(self.data))]
+            for index, layer in enumerate(self.layers):
+                thetas = [self.layer_params(k, index) for k in range(len(self.models))]
+                subs = self.submodules(index, granularity)
+                for task, chunks in enumerate(streams):
+                    for chunk in chunks:
+                        with torch.no_grad():
+                            yield from self._chunk_deltas(layer, thetas, chunk, task, subs)
+                    for model in ("base", *self._tasks):
+                        self._count(model, task, self.data[task].num_examples)
+                self.advance()
+        finally:
+            self._release()
 
     def _chunk_deltas(self, layer, thetas, chunk: Chunk, task: int, subs) -> Iterator[DeltaBatch]:
         """D_k of each submodule on this chunk; leaves the base layer output in `chunk.hidden`."""
@@ -244,16 +284,19 @@ class LayerwiseFeatures:
     # ----------------------------------------------------------------------------- RegMean
     def input_grams(self) -> Iterator[LayerGrams]:
         """Each fine-tune k runs its own layers on task k's data; Grams of every Linear's input."""
-        streams = [self._embed(k, embedding_of=k) for k in range(len(self.models))]
-        for index, layer in enumerate(self.layers):
-            grams: dict[str, list[torch.Tensor]] = {}
-            for k, chunks in enumerate(streams):
-                theta = self.layer_params(k, index)
-                for rel, gram in self._layer_grams(layer, theta, chunks).items():
-                    grams.setdefault(f"{self.prefix}.{index}.{rel}.weight", []).append(gram)
-                self._count(self._tasks[k], k, self.data[k].num_examples)
-            yield LayerGrams(index, grams)
-            self.advance()
+        try:
+            streams = [self._embed(k, embedding_of=k) for k in range(len(self.models))]
+            for index, layer in enumerate(self.layers):
+                grams: dict[str, list[torch.Tensor]] = {}
+                for k, chunks in enumerate(streams):
+                    theta = self.layer_params(k, index)
+                    for rel, gram in self._layer_grams(layer, theta, chunks).items():
+                        grams.setdefault(f"{self.prefix}.{index}.{rel}.weight", []).append(gram)
+                    self._count(self._tasks[k], k, self.data[k].num_examples)
+                yield LayerGrams(index, grams)
+                self.advance()
+        finally:
+            self._release()
 
     def _layer_grams(self, layer, theta, chunks: list[Chunk]) -> dict[str, torch.Tensor]:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -283,23 +326,40 @@ class LayerwiseFeatures:
 
     # ------------------------------------------------------------------------------ Fisher
     def squared_gradients(self, model: int) -> dict[str, torch.Tensor]:
-        """mean over examples of (d log p(example) / d theta)^2 for fine-tune `model` on its task."""
+        """mean over examples of (d log p(example) / d theta)^2 for fine-tune `model` on its task.
+
+        Memory: the fine-tune's network, the Fisher sums and one parameter's gradient at a time
+        (each is squared into its sum as backward produces it, then dropped).
+        """
         from merge_harness.io.models import build_model
 
-        state = {name: self.read(model, name) for name in self._names}
-        network = build_model(self.models[model].config, state).to(self.device)
-        params = {n: p.requires_grad_(True) for n, p in network.named_parameters() if n in state}
-        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        network = build_model(self.models[model].config, {n: self.read(model, n) for n in self._names})
+        network = network.to(self.device)
+        self.num_layers = len(decoder_layers(network)[1])  # the architecture check, as for SLTA
+        fisher: dict[str, torch.Tensor] = {}
+        for name, param in network.named_parameters():
+            param.requires_grad_(name in self._names)
+            if name in self._names:
+                fisher[name] = torch.zeros_like(param)
+                param.register_post_accumulate_grad_hook(_square_into(fisher[name]))
         data = self.data[model]
         for row in range(data.num_examples):
             ids = data.input_ids[row, : int(data.attention_mask[row].sum())].to(self.device)
             logits = network(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
             log_likelihood = torch.log_softmax(logits, -1).gather(1, ids[1:, None]).sum()
-            grads = torch.autograd.grad(log_likelihood, list(params.values()), allow_unused=True)
-            for name, grad in zip(params, grads):
-                if grad is not None:
-                    fisher[name] += grad.detach() ** 2
-        self._count(self._tasks[model], model, data.num_examples * len(self.layers))
-        for _ in range(len(self.layers) // len(self.models)):
+            log_likelihood.backward()
+        del network
+        self._count(self._tasks[model], model, data.num_examples * self.num_layers)
+        for _ in range(self.num_layers // len(self.models)):
             self.advance()
-        return {name: f / data.num_examples for name, f in fisher.items()}
+        return {name: f.div_(data.num_examples) for name, f in fisher.items()}
+
+
+def _square_into(total: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A post-accumulate-grad hook: add the parameter's gradient squared to `total`, drop the grad."""
+
+    def hook(param: torch.Tensor) -> None:
+        total.add_(param.grad.detach() ** 2)
+        param.grad = None
+
+    return hook

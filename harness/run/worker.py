@@ -78,8 +78,9 @@ class ModelCache:
     in place (`merge_into`) instead of into a fresh state dict and model per job.
 
     It holds the model of the last merged layout (the merged config.json: architecture, sizes,
-    dtype); a merge with another layout, or by a model-level method (SLTA, RegMean, Fisher: they
-    hold the base model and a whole merged state anyway), builds a new model, which replaces it.
+    dtype); a merge with another layout, or by a model-level method (SLTA, RegMean, Fisher: their
+    calibration holds the base model, or a fine-tune's network and two sums, while a held model
+    would sit idle), builds a new model, which replaces it.
     The executor that runs jobs one after another in a process owns one for the run.
     """
 
@@ -95,8 +96,9 @@ class ModelCache:
 
         plan = build_plan(merge)
         key = json.dumps(plan.out_config, sort_keys=True)
-        # A model-level method holds the base model and its whole merged state at once: writing
-        # that into a held model would add a third copy, so the held one is freed instead.
+        # A model-level method's tensors come one at a time, but only after its calibration,
+        # which holds the base model (SLTA, RegMean) or a fine-tune's network, its Fisher and
+        # two sums: a held model would add one model to that peak, so it is freed instead.
         if self._model is not None and key == self._key and plan.method.streaming:
             tensors = model_tensors(self._model)
             if layout_mismatch(plan, tensors) is None:  # e.g. an evaluation cast it: build anew
