@@ -39,6 +39,24 @@ def keep_freed_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 
+def return_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc's `malloc_trim`); False elsewhere.
+
+    For the end of a phase that freed model-sized buffers (a calibration stream, one Fisher
+    fine-tune): with `keep_freed_memory` they would stay resident through the next phase.
+    """
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def exit_without_teardown(code: int = 0) -> None:
     """Flush our output and logs, then end the process at once (`os._exit`).
 

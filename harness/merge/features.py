@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from merge_harness.core.allocator import return_free_memory
 from merge_harness.core.errors import CheckpointError, MethodError
 from merge_harness.io.checkpoint import Checkpoint
 from merge_harness.merge.calibration_data import CalibrationSet
@@ -178,6 +179,7 @@ class LayerwiseFeatures:
         """Drop a reference model built here (its layer modules too), once its stream is done."""
         if self._build is not None:
             self._model = self._layers = None
+            return_free_memory()  # its pages, else resident through the merge that follows
 
     # ----------------------------------------------------------------------------- reading
     @property
@@ -349,6 +351,7 @@ class LayerwiseFeatures:
             log_likelihood = torch.log_softmax(logits, -1).gather(1, ids[1:, None]).sum()
             log_likelihood.backward()
         del network
+        return_free_memory()  # the network's pages, before the next fine-tune's
         self._count(self._tasks[model], model, data.num_examples * self.num_layers)
         for _ in range(self.num_layers // len(self.models)):
             self.advance()
