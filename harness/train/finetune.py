@@ -69,9 +69,9 @@ PRESETS: dict[str, dict[str, object]] = {
     ),
     "toy": dict(  # what the toy zoo's fine-tunes use (merge_harness.zoo.zoos.SIZES["toy"])
         trainable="full",
-        max_steps=150,
+        max_steps=120,
         batch_size=32,
-        lr=2e-3,
+        lr=6e-4,
         schedule="cosine",
         warmup_steps=10,
         weight_decay=0.0,
