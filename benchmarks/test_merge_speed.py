@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.conftest import warm_page_cache
+
 RUNNER = Path(__file__).with_name("merge_runner.py")
 ROOT = RUNNER.parent.parent
 WEIGHTS = (0.3, 0.5, 0.7)
@@ -74,8 +76,17 @@ def mergekit_config(method: str, zoo: dict[str, Path]) -> dict:
     }
 
 
+def warm_inputs(config_file: Path) -> None:
+    """Read the merge's input files into the page cache before each engine's run, untimed: the
+    other engine's 3 GB run (and DAMON's reclaim) can evict them, and a cold read would be
+    charged to whichever engine runs next."""
+    config = json.loads(config_file.read_text())
+    warm_page_cache([Path(config["base_model"]), *(Path(m["model"]) for m in config["models"])])
+
+
 def run_child(engine: str, config_file: Path, out_dir: Path) -> dict:
     """One merge in a fresh interpreter; returns the runner's JSON line."""
+    warm_inputs(config_file)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(RUNNER), engine, str(config_file), str(out_dir)]
     if THREADS:
@@ -98,6 +109,7 @@ def run_command(engine: str, config_file: Path, out_dir: Path) -> dict:
     command += ["--no-copy-tokenizer", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shutil.rmtree(out_dir, ignore_errors=True)
+    warm_inputs(config_file)
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
