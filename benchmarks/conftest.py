@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,48 @@ def perturbed(base: Path, out: Path, seed: int) -> Path:
         if extra.suffix in {".json", ".jinja"}:
             (out / extra.name).write_bytes(extra.read_bytes())
     return out
+
+
+CALIBRATION_TASKS = ("math", "code", "qa")  # toy task generators standing in for the paper's data
+
+
+def calibration_file(root: Path, task: str, rows: int) -> Path:
+    """`rows` of the toy zoo's synthetic prompt/response pairs for `task`, written once."""
+    from merge_harness.zoo.toytasks import train_pairs
+
+    path = root / f"{task}_pairs_{rows}.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps(pair) + "\n" for pair in train_pairs(task, rows, seed=1)))
+    return path
+
+
+def smollm2_entries(rows: int) -> tuple[Path, list[dict]]:
+    """The real SmolLM2-135M and one `perturbed` fine-tune per calibration task, as merge-config
+    entries with their calibration files."""
+    from merge_harness.zoo.smollm2 import convert_smollm2
+
+    root = CACHE_DIR / "slta-smollm2"
+    base = convert_smollm2()
+    models = [perturbed(base, root / f"ft_{task}", seed) for seed, task in enumerate(CALIBRATION_TASKS, 1)]
+    entries = [{"model": str(model), "calibration": str(calibration_file(root, task, rows))}
+               for model, task in zip(models, CALIBRATION_TASKS)]
+    return base, entries
+
+
+def run_merge_child(config: dict, out: Path, threads: int | None = None, keep: bool = False) -> dict:
+    """One merge of ours in a fresh interpreter (`merge_runner.py`): its JSON line. The output
+    directory is removed afterwards unless `keep`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_file = out.with_suffix(".json")
+    config_file.write_text(json.dumps(config))
+    command = [sys.executable, str(BENCH_DIR / "merge_runner.py"), "ours", str(config_file), str(out)]
+    command += ["--threads", str(threads)] if threads else []
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"merge failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------ results table

@@ -33,17 +33,14 @@ activations of one layer for every task, and for Fisher the logits over the 49,1
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.conftest import perturbed
+from benchmarks.conftest import run_merge_child, smollm2_entries
 
 BENCH_DIR = Path(__file__).parent
 RESULTS = BENCH_DIR / "results" / "data_driven_memory.json"
-TASKS = ("math", "code", "qa")
 N, MAX_LENGTH = 8, 128
 ALLOWANCE_MB = 256
 METHODS = {  # label: (method, parameters, k)
@@ -52,50 +49,11 @@ METHODS = {  # label: (method, parameters, k)
     "regmean": ("regmean", {}, 4.0),
     "fisher": ("fisher", {}, 6.5),
 }
-# merge_runner.py with its peak measured as the high-water mark of this process's own memory map
-CHILD = """
-import sys
-sys.path.insert(0, sys.argv.pop(1))
-import merge_runner
-
-def high_water_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-
-merge_runner.peak_rss_mb = high_water_mb
-merge_runner.main()
-"""
-
-smollm2 = pytest.importorskip("merge_harness.zoo.smollm2")
-
-
-def calibration_file(root: Path, task: str) -> Path:
-    from merge_harness.zoo.toytasks import train_pairs  # the toy zoo's synthetic prompt/response pairs
-
-    path = root / f"{task}_pairs.jsonl"
-    if not path.exists():
-        path.write_text("".join(json.dumps(pair) + "\n" for pair in train_pairs(task, 60, seed=1)))
-    return path
-
-
-def run_child(config: dict, out: Path) -> dict:
-    config_file = out.with_suffix(".json")
-    config_file.write_text(json.dumps(config))
-    runner = [str(BENCH_DIR), "ours", str(config_file), str(out), "--threads", "1"]
-    command = [sys.executable, "-c", CHILD, *runner]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+pytest.importorskip("merge_harness.zoo.smollm2")
 
 
 def test_data_driven_peak_memory_stays_under_its_bound(benchmark, tmp_path_factory):
-    root = BENCH_DIR / ".cache" / "slta-smollm2"
-    base = smollm2.convert_smollm2()
-    models = [perturbed(base, root / f"ft_{task}", seed) for seed, task in enumerate(TASKS, 1)]
-    entries = [
-        {"model": str(model), "calibration": str(calibration_file(root, task))}
-        for model, task in zip(models, TASKS)
-    ]
+    base, entries = smollm2_entries(rows=60)
     model_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1024**2
     out = tmp_path_factory.mktemp("data_driven_memory")
     rows = {}
@@ -107,7 +65,7 @@ def test_data_driven_peak_memory_stays_under_its_bound(benchmark, tmp_path_facto
             "parameters": {**params, "num_samples": N},
             "calibration": {"template": "chat", "max_length": MAX_LENGTH},
         }
-        row = run_child(config, out / label.replace(" ", "_"))
+        row = run_merge_child(config, out / label.replace(" ", "_"), threads=1)
         bound = row["rss_after_import_mb"] + ALLOWANCE_MB + k * model_mb
         above_import = row["peak_rss_mb"] - row["rss_after_import_mb"]
         rows[label] = {

@@ -12,47 +12,21 @@ task-arithmetic merge.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.conftest import perturbed
+from benchmarks.conftest import run_merge_child, smollm2_entries
 
 BENCH_DIR = Path(__file__).parent
 RESULTS = BENCH_DIR / "results" / "slta_cost.json"
-TASKS = ("math", "code", "qa")  # toy task generators standing in for the paper's data
 N = 30
 
-smollm2 = pytest.importorskip("merge_harness.zoo.smollm2")
-
-
-def calibration_file(root: Path, task: str) -> Path:
-    from merge_harness.zoo.toytasks import train_pairs  # the toy zoo's synthetic prompt/response pairs
-
-    path = root / f"{task}_pairs.jsonl"
-    if not path.exists():
-        path.write_text("".join(json.dumps(pair) + "\n" for pair in train_pairs(task, N * 2, seed=1)))
-    return path
-
-
-def run_child(config: dict, out: Path) -> dict:
-    config_file = out.with_suffix(".json")
-    config_file.write_text(json.dumps(config))
-    command = [sys.executable, str(BENCH_DIR / "merge_runner.py"), "ours", str(config_file), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+pytest.importorskip("merge_harness.zoo.smollm2")
 
 
 def test_slta_cost_vs_task_arithmetic(benchmark, tmp_path_factory):
-    root = BENCH_DIR / ".cache" / "slta-smollm2"
-    base = smollm2.convert_smollm2()
-    models = [perturbed(base, root / f"ft_{task}", seed) for seed, task in enumerate(TASKS, 1)]
-    entries = [
-        {"model": str(model), "calibration": str(calibration_file(root, task))}
-        for model, task in zip(models, TASKS)
-    ]
+    base, entries = smollm2_entries(rows=N * 2)
     out = tmp_path_factory.mktemp("slta")
     rows = {}
     for label, method, params in (
@@ -68,7 +42,7 @@ def test_slta_cost_vs_task_arithmetic(benchmark, tmp_path_factory):
             "calibration": {"template": "chat", "max_length": 256},
         }
         target = out / label.replace(" ", "_")
-        rows[label] = run_child(config, target)
+        rows[label] = run_merge_child(config, target, keep=True)
         record = target / "slta_coefficients.json"
         if record.exists():
             rows[label]["forward_passes"] = json.loads(record.read_text())["forward_passes"]
