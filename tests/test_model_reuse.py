@@ -97,3 +97,14 @@ def test_a_run_reusing_one_model_records_the_same_scores_as_fresh_models(chat_zo
             frame = store.results_frame(experiment.name)
         scores[reuse] = frame.set_index(["label", "task", "metric"])["value"].sort_index()
     assert len(scores[True]) >= 12 and scores[True].equals(scores[False])
+
+
+def test_a_run_has_one_vllm_engine_and_closing_the_run_drops_it_and_the_model(chat_zoo):
+    cache = ModelCache()
+    engine = cache.vllm_engine()
+    assert cache.vllm_engine() is engine  # every job of the run swaps into the same engine
+    first, _ = cache.merged_model(merge_of(chat_zoo, "linear"))
+    cache.close()
+    assert cache.vllm_engine() is not engine
+    second, _ = cache.merged_model(merge_of(chat_zoo, "linear"))
+    assert second is not first  # the kept model went with the run

@@ -205,7 +205,8 @@ def evaluate(
 
     `tokenizer` is a tokenizer or the directory to load it from (as `merge_model` returns);
     the model is moved to `settings.device` in place. Unknown tasks fail before any model work.
-    `engine`: the vLLM engine to swap the model into (backend "vllm"; default: this process's).
+    `engine`: the run's vLLM engine to swap the model into (backend "vllm"; default: a fresh one
+    for this call, shut down after it).
     """
     import lm_eval
 
@@ -231,20 +232,25 @@ def _wrapped_model(
 ) -> Iterator[tuple[Any, float]]:
     """lm-eval's model object for the chosen backend, and the seconds its setup took.
 
-    "hf" wraps the in-memory model (no disk); "vllm" puts the model into one engine that the
-    process keeps across models: built once from a RAM-backed copy, then weights swapped in place
-    (see merge_harness.evaluate.vllm_backend).
+    "hf" wraps the in-memory model (no disk); "vllm" puts the model into the run's engine (built
+    once from a RAM-backed copy, later models' weights swapped in place; see
+    merge_harness.evaluate.vllm_backend), or into a fresh engine for this call.
     """
     if isinstance(tokenizer, (str, Path)):
         from merge_harness.io.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     if settings.backend == "vllm":
-        from merge_harness.evaluate.vllm_backend import VllmOptions, process_engine
+        from merge_harness.evaluate.vllm_backend import VllmEngine, VllmOptions
 
         options = VllmOptions(tensor_parallel_size=settings.tensor_parallel_size)
-        engine = engine or process_engine()
-        yield engine.lm_for(model, tokenizer, options, settings.batch_size, settings.seed)
+        own = engine is None  # no engine of a run: one for this evaluation, shut down after it
+        engine = VllmEngine() if own else engine
+        try:
+            yield engine.lm_for(model, tokenizer, options, settings.batch_size, settings.seed)
+        finally:
+            if own:
+                engine.close()
         return
     from lm_eval.models.huggingface import HFLM
 

@@ -23,10 +23,8 @@ depend on it. Nothing here imports vLLM unless the backend is chosen.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
-import functools
 import gc
 import hashlib
 import json
@@ -226,15 +224,6 @@ class VllmEngine:
         self._staging.close()
         self._staging = contextlib.ExitStack()
         self.key = self.route = None
-
-
-@functools.cache
-def process_engine() -> VllmEngine:
-    """The engine the vLLM evaluations of this process share: the local executor runs every job
-    of a run here, a Ray worker keeps its own. Closed when the process exits."""
-    engine = VllmEngine()
-    atexit.register(engine.close)
-    return engine
 
 
 # ----------------------------------------------------------------------------- vLLM's side

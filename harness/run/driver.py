@@ -118,7 +118,11 @@ class LocalExecutor:
 
     def run(self, work: list[Unit], experiment: str, driver: Driver) -> None:
         models = ModelCache() if self.reuse_models else None
-        for job, pending in work:
-            if tasks := driver.claim(job, pending):  # claimed just before building the model
-                with driver.holding(job, tasks):
-                    run_model_job(job, tasks, experiment, driver.record, models)
+        try:
+            for job, pending in work:
+                if tasks := driver.claim(job, pending):  # claimed just before building the model
+                    with driver.holding(job, tasks):
+                        run_model_job(job, tasks, experiment, driver.record, models)
+        finally:
+            if models is not None:
+                models.close()

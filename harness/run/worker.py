@@ -87,6 +87,21 @@ class ModelCache:
     def __init__(self) -> None:
         self._key: str | None = None
         self._model = None
+        self._engine = None  # the run's vLLM engine, made by the first vLLM evaluation
+
+    def vllm_engine(self):
+        """The run's vLLM engine: one for all its models, their weights swapped in place."""
+        if self._engine is None:
+            from merge_harness.evaluate.vllm_backend import VllmEngine
+
+            self._engine = VllmEngine()
+        return self._engine
+
+    def close(self) -> None:
+        """Shut the vLLM engine down and drop the kept model."""
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = self._key = self._model = None
 
     def merged_model(self, merge: MergeConfig):
         """(model, merge outcome) for `merge`, reusing the held model where its layout fits."""
@@ -144,7 +159,8 @@ def run_model_job(
     build_seconds = time.perf_counter() - start
     coefficients = outcome.coefficients if outcome else []
     for task in pending:
-        report = evaluate(model, tokenizer, [task.task], task.settings)
+        engine = models.vllm_engine() if models is not None and task.settings.backend == "vllm" else None
+        report = evaluate(model, tokenizer, [task.task], task.settings, engine=engine)
         timings = {"build": build_seconds, "evaluate": report.seconds}
         if report.setup_seconds:
             timings["backend_setup"] = report.setup_seconds
