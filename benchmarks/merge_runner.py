@@ -1,7 +1,7 @@
 """Run one merge in this process and print one JSON line: its wall time and peak RSS.
 
-The benchmark starts this script as a child process per merge, so that `ru_maxrss` (the peak
-resident set of this process) belongs to exactly one merge:
+The benchmark starts this script as a child process per merge, so that its peak resident set
+(VmHWM, `merge_harness.core.allocator.peak_rss_mb`) belongs to exactly one merge:
 
     python benchmarks/merge_runner.py {ours|mergekit} CONFIG.json OUT_DIR [--shard-bytes N]
                                       [--threads N] [--profile STATS_FILE]
@@ -24,6 +24,8 @@ import resource
 import time
 from pathlib import Path
 
+from merge_harness.core.allocator import keep_freed_memory, peak_rss_mb
+
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # our default; the 135M output (~540 MB) is one shard either way
 
 
@@ -33,23 +35,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set of this process image so far: VmHWM, which starts afresh at exec.
-
-    Not `ru_maxrss`: Linux carries it over from the parent at fork, through exec, so a child of
-    a large parent would report at least the parent's resident set (the fallback elsewhere).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def ours(config: dict, out_dir: Path, shard_bytes: int):
-    from merge_harness.core.allocator import keep_freed_memory
     from merge_harness.merge.config import MergeConfig
     from merge_harness.merge.engine import merge_to_disk
 

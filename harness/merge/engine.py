@@ -165,12 +165,19 @@ def iter_merged(plan: MergePlan, device: str, show_progress: bool) -> Iterator[t
             advance()
 
 
-def _calibrated(
-    plan: MergePlan, show_progress: bool, calibration: Sequence | None = None
+def merged_tensors(
+    plan: MergePlan, show_progress: bool = False, calibration: Sequence | None = None
 ) -> tuple[MergeOutcome, Iterator[tuple[str, torch.Tensor]]]:
-    """Model-level methods (calibration data, whole-model statistics): see merge_harness.merge.data_driven.
+    """The plan's merged tensors, one at a time in plan order, and the merge's outcome so far.
 
-    Calibrates and solves now; the merged tensors follow one at a time in plan order."""
+    Per-tensor methods merge each tensor as it is taken (`iter_merged`). Model-level methods
+    (calibration data, whole-model statistics: see merge_harness.merge.data_driven) calibrate and
+    solve now, and their outcome holds the coefficients and forward passes; `calibration`: their
+    token batches, as in `merge_state_dict`.
+    """
+    if plan.method.streaming:
+        outcome = MergeOutcome(None, None, 0.0, len(plan.tasks), [], plan.out_config, plan.sidecar_source)
+        return outcome, iter_merged(plan, plan.config.device, show_progress)
     from merge_harness.merge.data_driven import calibrated_tensors
 
     return calibrated_tensors(plan.config, show_progress=show_progress, plan=plan, calibration=calibration)
@@ -217,10 +224,7 @@ def merge_to_disk(
         copy_tokenizer = True
         notes.append("--no-copy-tokenizer: the tokenizer is written anyway (the embeddings are laid out "
                      "in its new vocabulary)")
-    if plan.method.streaming:
-        calibrated, merged = None, iter_merged(plan, config.device, show_progress)
-    else:  # calibrates and solves now; each merged tensor is made as the writer takes it
-        calibrated, merged = _calibrated(plan, show_progress)
+    calibrated, merged = merged_tensors(plan, show_progress)  # each tensor made as the writer takes it
     writer = ShardedWriter(Path(out_dir), [t.info for t in plan.tasks], max_shard_bytes, force)
     try:
         write_behind(merged, writer)
@@ -230,7 +234,7 @@ def merge_to_disk(
         raise
     outcome = MergeOutcome(None, Path(out_dir), time.perf_counter() - start, len(plan.tasks))
     outcome.notes = notes
-    if calibrated is not None:
+    if not plan.method.streaming:
         outcome.coefficients = calibrated.coefficients
         outcome.forward_passes = calibrated.forward_passes
         _write_coefficients(plan, outcome, Path(out_dir))
@@ -261,23 +265,24 @@ def _files_beside_weights(plan: MergePlan, name: str, write_model_card: bool) ->
 
 
 def merge_state_dict(
-    config: MergeConfig, *, show_progress: bool = False, calibration: Sequence | None = None
+    config: MergeConfig,
+    *,
+    show_progress: bool = False,
+    calibration: Sequence | None = None,
+    plan: MergePlan | None = None,
 ) -> MergeOutcome:
     """Merge into memory: a {name: tensor} state dict, with no disk round trip.
 
     `calibration`: for model-level methods, your own token batches instead of the configured
     sources, one `merge_harness.merge.calibration_data.CalibrationSet` per fine-tune in config order.
+    `plan`: the config's plan, where the caller has built it already.
     """
     start = time.perf_counter()
-    plan = build_plan(config)
-    if not plan.method.streaming:
-        outcome, merged = _calibrated(plan, show_progress, calibration)
-        outcome.state = dict(merged)
-        outcome.seconds = time.perf_counter() - start
-        return outcome
-    state = dict(iter_merged(plan, config.device, show_progress))
-    seconds = time.perf_counter() - start
-    return MergeOutcome(state, None, seconds, len(plan.tasks), [], plan.out_config, plan.sidecar_source)
+    plan = plan or build_plan(config)
+    outcome, merged = merged_tensors(plan, show_progress, calibration)
+    outcome.state = dict(merged)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
 
 
 def merge_into(
@@ -293,15 +298,10 @@ def merge_into(
     misfit = layout_mismatch(plan, tensors)
     if misfit:
         raise MethodError(f"cannot merge into the given model: {misfit}")
-    if plan.method.streaming:
-        outcome = MergeOutcome(None, None, 0.0, len(plan.tasks))
-        merged = iter_merged(plan, plan.config.device, show_progress)
-    else:
-        outcome, merged = _calibrated(plan, show_progress)  # its tensors come one at a time too
+    outcome, merged = merged_tensors(plan, show_progress)
     for name, tensor in merged:
         tensors[name].copy_(tensor)
     outcome.seconds = time.perf_counter() - start
-    outcome.model_config, outcome.tokenizer_dir = plan.out_config, plan.sidecar_source
     return outcome
 
 

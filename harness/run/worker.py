@@ -7,35 +7,16 @@ the store, so it can run on any host.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import resource
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
+from merge_harness.core.allocator import peak_rss_mb, reset_peak_rss
 from merge_harness.core.results import JobResult
 from merge_harness.merge.config import MergeConfig
 from merge_harness.run.experiment import ModelJob, TaskJob
 
 ResultSink = Callable[[JobResult], None]
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    with contextlib.suppress(OSError):  # elsewhere the peak stays the process's lifetime peak
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory since the last `reset_peak_rss` (else since the process started)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def searched_merge(job: ModelJob) -> tuple[MergeConfig | None, dict | None]:
@@ -119,7 +100,7 @@ class ModelCache:
             if layout_mismatch(plan, tensors) is None:  # e.g. an evaluation cast it: build anew
                 return self._model, merge_into(plan, tensors)
         self._key = self._model = None  # the old model's memory is free before the new merge
-        outcome = merge_state_dict(merge)
+        outcome = merge_state_dict(merge, plan=plan)  # the plan built above, not a second one
         model = build_model(outcome.model_config, outcome.state)
         outcome.state = None  # the model owns the tensors now
         self._key, self._model = key, model
