@@ -24,6 +24,8 @@ Indices: fine-tune k (= task k, 0-based, config order); `None` is the base model
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -111,6 +113,36 @@ class CalibrationInputs(Protocol):
     def squared_gradients(self, model: int) -> dict[str, torch.Tensor]:
         """Diagonal empirical Fisher of fine-tune `model` on its own task's calibration data."""
         ...
+
+    def fingerprint(self) -> str:
+        """Identifies the models and the calibration tokens: equal fingerprints, equal statistics."""
+        ...
+
+
+_REUSE: ContextVar[dict | None] = ContextVar("statistics_reuse", default=None)
+
+
+@contextmanager
+def statistics_reuse() -> Iterator[None]:
+    """Inside the block, a method's statistics computed once per (inputs, key) are reused
+    (`reused`): e.g. a held-out search over SLTA's `scale` runs the calibration forward passes
+    once, not once per grid value. Outside any block nothing is kept."""
+    token = _REUSE.set({})
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
+
+
+def reused(inputs: CalibrationInputs, key: tuple, compute: Callable[[], object]) -> object:
+    """`compute()`, or its earlier value for the same inputs and key inside `statistics_reuse`."""
+    kept = _REUSE.get()
+    if kept is None:
+        return compute()
+    full_key = (inputs.fingerprint(), *key)
+    if full_key not in kept:
+        kept[full_key] = compute()
+    return kept[full_key]
 
 
 @dataclass

@@ -40,7 +40,8 @@ output minus its input; the residual cancels in D anyway); `attn_mlp` one for ea
 attention block (input_layernorm + self_attn on the layer input) and MLP block
 (post_attention_layernorm + mlp on h + attn_0(h)), outputs without the residual; `model` (an
 ablation) sums the layer-level normal equations of all layers and solves one a for the whole
-model. N -> `num_samples`, eps -> `ridge`.
+model. N -> `num_samples`, eps -> `ridge`. `scale` (an ablation, not in the paper) multiplies every solved a
+by one factor c, e.g. chosen on held-out rows by a `search:`.
 Parameters outside the decoder layers (embeddings, final norm, lm_head) merge by task arithmetic
 with coefficient `non_layer_coefficient`, by default the mean over all solved submodules of a_t
 (per task).
@@ -68,6 +69,7 @@ from merge_harness.merges.model_level import (
     LazyState,
     ModelMerge,
     Submodule,
+    reused,
 )
 from merge_harness.merges.task_vectors import task_vectors
 
@@ -86,6 +88,9 @@ class SltaParams(CalibratedParams):
     non_layer_coefficient: float | None = Field(
         None, description="coefficient of embeddings/norm/lm_head; default: mean of solved a_t"
     )
+    scale: float = Field(
+        1.0, gt=0, description="c: every solved a_t multiplied by one factor (an ablation; 1 = the paper)"
+    )
 
 
 # ----------------------------------------------------------------------------- normal equations
@@ -93,10 +98,13 @@ class SltaParams(CalibratedParams):
 
 @dataclass
 class NormalEquations:
-    """A a = b for one submodule: A (T, T) and b (T,), float64, summed over token batches."""
+    """A a = b for one submodule: A (T, T) and b (T,), float64, summed over token batches, and
+    `target` = sum_t sum_{x in H_t} ||D_t(x)||^2, so that the objective at any a is
+    a^T A a - 2 a^T b + target (`residual`)."""
 
     A: torch.Tensor
     b: torch.Tensor
+    target: float = 0.0
 
     @classmethod
     def zeros(cls, count: int) -> NormalEquations:
@@ -105,18 +113,26 @@ class NormalEquations:
     def add(self, other: NormalEquations) -> None:
         self.A += other.A
         self.b += other.b
+        self.target += other.target
+
+    def residual(self, a: torch.Tensor) -> float:
+        """sum_t sum_x ||sum_k a_k D_k(x) - D_t(x)||^2 (cross-task equations; SPEC section 4)."""
+        a = a.to(torch.float64)
+        return float(a @ self.A @ a - 2 * a @ self.b) + self.target
 
 
 def normal_equations(deltas: torch.Tensor, task: int, cross_task: bool = True) -> NormalEquations:
     """The contribution of a batch of task `task`'s inputs: deltas (T, n_tokens, d_out)."""
     flat = deltas.reshape(deltas.shape[0], -1).to(torch.float64)  # (T, n * d)
     gram = (flat @ flat.T).cpu()  # gram[j, k] = sum_x <D_j(x), D_k(x)>
+    target = float(gram[task, task])
     if cross_task:
-        return NormalEquations(gram, gram[:, task].clone())
+        return NormalEquations(gram, gram[:, task].clone(), target)
     count = gram.shape[0]
     equations = NormalEquations.zeros(count)
     equations.A[task] = gram[task]
     equations.b[task] = gram[task, task]
+    equations.target = target
     return equations
 
 
@@ -195,7 +211,10 @@ def solve_all(
 def merge_slta(inputs: CalibrationInputs, params: SltaParams) -> ModelMerge:
     """Algorithm 1: solve a per submodule, then theta_0 + sum_t a_t tau_t tensor by tensor
     (lazily: each merged tensor is made when the engine takes it)."""
-    solved = solve_all(collect_equations(inputs, params), params)
+    features = "attn_mlp" if params.granularity == "attn_mlp" else "layer"
+    systems = reused(inputs, ("slta", features, params.cross_task), lambda: collect_equations(inputs, params))
+    solved = solve_all(systems, params)
+    solved = {name: (subs, a * params.scale) for name, (subs, a) in solved.items()}
     mean = torch.stack([a for _, a in solved.values()]).mean(dim=0)
     non_layer = mean if params.non_layer_coefficient is None else torch.full_like(
         mean, float(params.non_layer_coefficient)

@@ -257,6 +257,8 @@ def run(
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the jobs; run nothing."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    seeds: list[int] = typer.Option(None, "--seed", help="Only this replicate of a `seeds:` experiment "
+                                    "(repeatable; default: every seed)."),
     lease_s: float = typer.Option(
         120.0, "--lease-s", min=1.0,
         help="Claim lease: a job held by a runner without a heartbeat for this long is taken over.",
@@ -266,26 +268,44 @@ def run(
 
     Several runners on one store share the work: each job is claimed, so it is computed once.
     """
-    from merge_harness.core.third_party import log_file_beside
     from merge_harness.evaluate.evaluator import chat_template_warnings, check_backend
-    from merge_harness.run.experiment import load_experiment, validate_experiment
-    from merge_harness.run.runner import make_executor, run_experiment, summary_frame
+    from merge_harness.run.experiment import load_experiments, validate_experiment
+    from merge_harness.run.runner import make_executor
 
-    experiment = load_experiment(experiment_file)
+    experiments = load_experiments(experiment_file)  # several with `seeds:`, run one after another
+    if seeds:
+        experiments = [e for e in experiments if e.seed in seeds]
+        if not experiments:
+            raise ConfigError(f"{experiment_file}: --seed {seeds}: no replicate has that seed")
+    first = experiments[0]
     chosen = make_executor(executor, address)
     if not dry_run:
-        check_backend(experiment.evaluation.backend)  # before hashing, merging or evaluating anything
-    for warning in chat_template_warnings([t.name for t in experiment.task_runs()], experiment.evaluation):
+        check_backend(first.evaluation.backend)  # before hashing, merging or evaluating anything
+    for warning in chat_template_warnings([t.name for t in first.task_runs()], first.evaluation):
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    store_path = store_path or experiment.store or default_store_path()
+    store_path = store_path or first.store or default_store_path()
     if dry_run:
-        dry_run_listing(experiment, store_path)
+        for experiment in experiments:
+            dry_run_listing(experiment, store_path)
         return
-    validate_experiment(experiment)  # every bad input fails here, before the store file exists
+    for experiment in experiments:
+        validate_experiment(experiment)  # every bad input fails here, before the store file exists
+    failed = 0
     with open_store(store_path) as store:
-        summary = run_experiment(experiment, store, chosen, show_progress=not quiet, lease_s=lease_s,
-                                 quiet_third_party=not options(ctx).debug)
-        frame = summary_frame(store, experiment.name, summary.labels)
+        for experiment in experiments:
+            failed += run_one(ctx, experiment, store, chosen, quiet, lease_s)
+    if failed:
+        raise typer.Exit(1)
+
+
+def run_one(ctx: typer.Context, experiment, store, executor, quiet: bool, lease_s: float) -> int:
+    """Run one experiment on an open store and print its table and summary; the failed job count."""
+    from merge_harness.core.third_party import log_file_beside
+    from merge_harness.run.runner import run_experiment, summary_frame
+
+    summary = run_experiment(experiment, store, executor, show_progress=not quiet, lease_s=lease_s,
+                             quiet_third_party=not options(ctx).debug)
+    frame = summary_frame(store, experiment.name, summary.labels)
     if not frame.empty:
         print_frame(frame.round(1), f"{experiment.name} ({store.path}): each task's primary metric, "
                     "in points (0-100; BLEU as is)")
@@ -300,8 +320,7 @@ def run(
         console.print(f"{summary.elsewhere_unfinished} of them unfinished here: run again later for any left")
     for label, task, error in summary.failed:
         err_console.print(f"[red]failed[/] {label} / {task}: {error}", highlight=False)
-    if summary.failed:
-        raise typer.Exit(1)
+    return len(summary.failed)
 
 
 @app.command()
@@ -411,10 +430,12 @@ def _register_subcommands() -> None:
     from merge_harness.cli.analyze import analyze_app
     from merge_harness.cli.eval import eval_model
     from merge_harness.cli.results import results_app
+    from merge_harness.cli.study import study_app
 
     app.command("eval")(eval_model)
     app.add_typer(analyze_app, name="analyze")
     app.add_typer(results_app, name="results")
+    app.add_typer(study_app, name="study")
 
 
 _register_subcommands()

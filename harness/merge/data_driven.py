@@ -82,26 +82,9 @@ def calibrated_tensors(
     if method.merge_model is None:
         raise ConfigError(f"merge_method: {method.name!r} is a per-tensor method, not model-level")
     params = method_params(plan)
-    entries = fine_tune_entries(config, plan, need_sources=calibration is None)
-    labels = task_labels(entries)
-    if calibration is None:
-        data = calibration_sets(plan, entries, params)
-    else:
-        data = given_sets(calibration, entries)
     reference = plan.base or plan.models[0]
-    names = [task.info.name for task in plan.tasks if task.params is not None]
     with progress_bar(_layer_count(reference), f"calibrating ({method.name})", show_progress) as advance:
-        inputs = LayerwiseFeatures(
-            lambda: reference_model(reference, config.device),  # built only if a stream needs it
-            plan.base,
-            plan.models,
-            data,
-            labels,
-            names,
-            device=config.device,
-            batch_size=config.calibration.batch_size,
-            advance=advance,
-        )
+        inputs = calibration_features(config, plan, params, calibration, advance)
         try:
             merged = method.merge_model(inputs, params)
         except (ValueError, RuntimeError) as exc:
@@ -117,6 +100,32 @@ def calibrated_tensors(
         forward_passes=inputs.forward_passes(),
     )
     return outcome, finished_tensors(plan, merged.state)
+
+
+def calibration_features(
+    config: MergeConfig,
+    plan: MergePlan,
+    params: Params,
+    calibration: Sequence[CalibrationSet] | None = None,
+    advance=lambda: None,
+) -> LayerwiseFeatures:
+    """What a model-level method receives (`CalibrationInputs`): each fine-tune's calibration set
+    (drawn from its source, or the caller's token batches) and the models, read lazily."""
+    entries = fine_tune_entries(config, plan, need_sources=calibration is None)
+    given = calibration is not None
+    data = given_sets(calibration, entries) if given else calibration_sets(plan, entries, params)
+    reference = plan.base or plan.models[0]
+    return LayerwiseFeatures(
+        lambda: reference_model(reference, config.device),  # built only if a stream needs it
+        plan.base,
+        plan.models,
+        data,
+        task_labels(entries),
+        [task.info.name for task in plan.tasks if task.params is not None],
+        device=config.device,
+        batch_size=config.calibration.batch_size,
+        advance=advance,
+    )
 
 
 def method_params(plan: MergePlan) -> Params:

@@ -24,9 +24,11 @@ the decoder layer's output (the residual cancels in D).
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -198,6 +200,19 @@ class LayerwiseFeatures:
         if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{checkpoint.tensors[name].file}: tensor {name!r} contains NaN or inf")
         return tensor
+
+    def fingerprint(self) -> str:
+        """The checkpoints (path, size, mtime of each file) and the calibration tokens, hashed."""
+        digest = hashlib.sha256()
+        for checkpoint in [self.base, *self.models]:
+            if checkpoint is not None:
+                for file in sorted({info.file for info in checkpoint.tensors.values()}):
+                    stat = Path(file).stat()
+                    digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        for data in self.data:
+            digest.update(data.input_ids.numpy().tobytes() + data.attention_mask.numpy().tobytes())
+        digest.update(f"{self._tasks}{self.device}".encode())
+        return digest.hexdigest()
 
     def layer_params(self, model: int, index: int) -> dict[str, torch.Tensor]:
         """Layer `index` of fine-tune `model`, keyed like the layer module's own parameters."""

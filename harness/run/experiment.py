@@ -84,6 +84,8 @@ class MethodRun(BaseModel):
     model_parameters: dict[str, dict[str, Setting]] = Field(default_factory=dict)  # per fine-tune
     finetunes: list[str] | None = None  # a subset of the experiment's fine-tunes (default: all)
     dtype: str | None = None
+    # calibrate in this template instead of the fine-tunes' own (an ablation: chat, plain, ...)
+    calibration_template: str | None = None
     search: HeldOutSearch | None = None  # pick one parameter on held-out train rows (selection.py)
     oracle: bool = False  # report only the grid point best on the test scores, labelled "oracle"
 
@@ -121,6 +123,9 @@ class Experiment(BaseModel):
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     baselines: bool = True  # evaluate the base and each fine-tune too (rows of the paper tables)
     seed: int = 0
+    # replicates: one experiment per seed, named `<name>-seed<seed>`, with `{seed}` in every string
+    # (model paths, calibration and held-out files) replaced and `seed` set (`load_experiments`)
+    seeds: list[int] | None = Field(None, min_length=1)
     device: str = "cpu"
     store: str | None = None
     _source: str = PrivateAttr("experiment")  # the YAML file, and the line of each field in it,
@@ -138,10 +143,44 @@ class Experiment(BaseModel):
         return [TaskRun(name=t) if isinstance(t, str) else t for t in self.tasks]
 
 
-def load_experiment(path: str | Path) -> Experiment:
+def load_experiments(path: str | Path) -> list[Experiment]:
+    """The experiment file's experiments: one, or one per seed when it sets `seeds:`."""
     experiment, lines = load_config_file(path, Experiment, "an experiment")
-    experiment._source, experiment._lines = str(path), lines
-    return _relative_to(experiment, Path(path).parent)
+    loaded = replicates(experiment, path) if experiment.seeds else [experiment]
+    for each in loaded:
+        each._source, each._lines = str(path), lines
+    return [_relative_to(each, Path(path).parent) for each in loaded]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """The one experiment of a file (a file with several `seeds:` is refused: `load_experiments`)."""
+    loaded = load_experiments(path)
+    if len(loaded) != 1:
+        raise ConfigError(f"{path}: seeds: makes {len(loaded)} experiments; name one seed (seeds: [N])")
+    return loaded[0]
+
+
+def replicates(experiment: Experiment, path: str | Path) -> list[Experiment]:
+    """One experiment per seed of `seeds:`: `{seed}` replaced in every string, `seed` set."""
+
+    def fill(value: Any, seed: int) -> Any:
+        if isinstance(value, str):
+            return value.replace("{seed}", str(seed))
+        if isinstance(value, dict):
+            return {key: fill(item, seed) for key, item in value.items()}
+        if isinstance(value, list):
+            return [fill(item, seed) for item in value]
+        return value
+
+    data = experiment.model_dump(mode="json", exclude_unset=True)
+    if len(set(experiment.seeds or ())) != len(experiment.seeds or ()):
+        raise ConfigError(f"{path}: seeds: {experiment.seeds} repeats a seed")
+    out = []
+    for seed in experiment.seeds or ():
+        name = data["name"] if "{seed}" in data["name"] else f"{data['name']}-seed{seed}"
+        out.append(Experiment.model_validate({**fill(data, seed), "name": fill(name, seed), "seed": seed,
+                                              "seeds": None}))
+    return out
 
 
 def located(experiment: Experiment, *loc: str | int) -> str:
@@ -157,6 +196,7 @@ def _relative_to(experiment: Experiment, root: Path) -> Experiment:
             update={
                 "model": relative_to(ft.model, root),
                 "calibration": calibration_relative_to(ft.calibration, root),
+                "held_out": relative_to(ft.held_out, root),
             }
         )
         for name, ft in experiment.finetunes.items()
@@ -316,11 +356,15 @@ def _parameter_field(experiment: Experiment, run: MethodRun, exc: ParameterError
 
 
 def _merge_config(experiment: Experiment, run: MethodRun, point: dict[str, Scalar]) -> MergeConfig:
+    def calibration(ft: Finetune) -> dict:
+        entry = ft.calibration.model_dump(exclude_none=True)
+        return {**entry, "template": run.calibration_template} if run.calibration_template else entry
+
     models = [
         {
             "model": ft.model,
             "parameters": run.model_parameters.get(name, {}),
-            **({"calibration": ft.calibration.model_dump(exclude_none=True)} if ft.calibration else {}),
+            **({"calibration": calibration(ft)} if ft.calibration else {}),
         }
         for name, ft in experiment.finetunes.items()
         if run.finetunes is None or name in run.finetunes

@@ -31,6 +31,7 @@ from merge_harness.core.errors import ConfigError
 from merge_harness.io.models import build_model, load_tokenizer
 from merge_harness.merge.config import MergeConfig
 from merge_harness.merge.engine import merge_state_dict
+from merge_harness.merges.model_level import statistics_reuse
 from merge_harness.selection.answers import METRICS, AnswerBatch, DataSettings, answer_batch, answer_scores
 from merge_harness.selection.grid import DEFAULT_GRID
 from merge_harness.selection.splits import check_selection_data
@@ -162,7 +163,8 @@ def search_coefficient(
             for task, batch in batches.items()
         }
 
-    chosen, curve = grid_search(score, spec.grid)
+    with statistics_reuse():  # calibration statistics once for the whole grid (e.g. SLTA's scale)
+        chosen, curve = grid_search(score, spec.grid)
     best = next(p.mean for p in curve if p.value == chosen)
     return CoefficientSearch(
         spec.method,

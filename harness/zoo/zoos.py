@@ -37,6 +37,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from merge_harness.io.checkpoint import replace_dir
 from merge_harness.io.models import torch_threads
 from merge_harness.train.finetune import TrainingSettings, save_model, train
 from merge_harness.train.prompts import FASTCHAT_SYSTEM, Example, render, training_record
+from merge_harness.zoo import studytasks, toytasks
 from merge_harness.zoo.toytasks import (
     LMEVAL_TASKS,
     TASKS,
@@ -125,6 +127,31 @@ SIZES = {
 
 
 @dataclass(frozen=True)
+class TaskSuite:
+    """A set of synthetic tasks: their train-pair stream, lm-eval names and test fixtures."""
+
+    name: str
+    tasks: tuple[str, ...]
+    lmeval_tasks: dict[str, str]
+    train_pairs: Callable[..., list[dict[str, str]]]  # (task, count, seed, stream="train")
+    fixture_path: Callable[[str], Path]
+
+
+SUITES = {
+    "toy": TaskSuite("toy", TASKS, LMEVAL_TASKS, toytasks.train_pairs, toytasks.fixture_path),
+    "study": TaskSuite(
+        "study", studytasks.TASKS, studytasks.LMEVAL_TASKS, studytasks.train_pairs, studytasks.fixture_path
+    ),
+}
+
+
+def task_suite(name: str) -> TaskSuite:
+    if name not in SUITES:
+        raise ConfigError(f"unknown task suite {name!r}; known: {', '.join(SUITES)}")
+    return SUITES[name]
+
+
+@dataclass(frozen=True)
 class Zoo:
     """Where a built zoo's models and data are."""
 
@@ -135,17 +162,22 @@ class Zoo:
     tasks: dict[str, str]  # task -> lm-eval task name
     test_data: dict[str, Path] = field(default_factory=dict)  # task -> lm-eval fixture JSONL
     template: str = "chat"  # the prompt template the fine-tunes were trained with
+    suite: str = "toy"  # the task suite (SUITES) its data comes from
 
     @classmethod
-    def at(cls, root: Path, tasks: tuple[str, ...] = TASKS, template: str = "chat") -> Zoo:
+    def at(cls, root: Path, tasks: tuple[str, ...] | None = None, template: str = "chat",
+           suite: str = "toy") -> Zoo:
+        found = task_suite(suite)
+        tasks = found.tasks if tasks is None else tasks
         return cls(
             root=root,
             base=root / "base",
             finetunes={task: root / task for task in tasks},
             train_data={task: root / "data" / f"{task}_train.jsonl" for task in tasks},
-            tasks={task: LMEVAL_TASKS[task] for task in tasks},
-            test_data={task: fixture_path(task) for task in tasks},
+            tasks={task: found.lmeval_tasks[task] for task in tasks},
+            test_data={task: found.fixture_path(task) for task in tasks},
             template=template,
+            suite=suite,
         )
 
 
@@ -233,12 +265,14 @@ def _tokenizer_corpus(texts: list[str], pairs: dict[str, list[dict]]) -> list[st
 
 def held_out_pairs(zoo: Zoo, count: int) -> dict[str, list[dict]]:
     """`count` train-distribution rows per task that the fine-tunes never saw: the rows that
-    follow the zoo's own in the same seeded stream (`train_pairs(task, n + count, seed)`)."""
+    follow the zoo's own in the same seeded stream (`train_pairs(task, n + count, data seed)`)."""
     spec = json.loads((zoo.root / "zoo.json").read_text())["spec"]
     seen = spec["train_examples"] if "train_examples" in spec else spec["examples"]  # toy | smollm2
+    seed = spec.get("data_seed", spec["seed"])
+    draw = task_suite(zoo.suite).train_pairs
     pairs = {}
     for task, path in zoo.train_data.items():
-        rows = train_pairs(task, seen + count, spec["seed"])
+        rows = draw(task, seen + count, seed)
         own = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows[:seen] != own:
             raise ConfigError(f"{path}: the zoo's train rows are not a prefix of train_pairs (zoo changed?)")
@@ -277,22 +311,29 @@ def build_smollm2_zoo(
     root: str | Path,
     *,
     base: str | Path | None = None,
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] | None = None,
     examples: int = 300,
     seed: int = 0,
     settings: TrainingSettings | None = None,
+    suite: str = "toy",
+    data_seed: int | None = None,
     show_progress: bool = True,
 ) -> Zoo:
-    """SmolLM2-135M-Instruct fine-tuned (attention only, its own chat template) per toy task.
+    """SmolLM2-135M-Instruct fine-tuned (attention only by default, its own chat template) per
+    task of `suite` (default: all its tasks).
 
-    `base`: the converted float32 model (default: `convert_smollm2()`'s cache, made once).
-    The zoo's `base/` is a symlink to it. Fine-tunes run on CUDA when present.
+    `seed` sets the training (data order, any new parameters); `data_seed` (default: `seed`)
+    which train rows are drawn, so seeds can share one data set. `base`: the converted float32
+    model (default: `convert_smollm2()`'s cache, made once); the zoo's `base/` is a symlink to it.
+    Fine-tunes run on CUDA when present. A killed build resumes: finished fine-tunes are kept.
     """
     import torch
 
     from merge_harness.io.models import load_pretrained, load_tokenizer
     from merge_harness.zoo.smollm2 import convert_smollm2
 
+    found = task_suite(suite)
+    tasks = found.tasks if tasks is None else tasks
     settings = (settings or SMOLLM2_FINETUNE).model_copy(update={"seed": seed})
     base = Path(base) if base else convert_smollm2()
     spec = {
@@ -302,26 +343,34 @@ def build_smollm2_zoo(
         "examples": examples,
         "seed": seed,
         "settings": settings.model_dump(),
+        # written only when not the defaults, so that older zoos keep their hashes
+        **({"suite": suite} if suite != "toy" else {}),
+        **({"data_seed": data_seed} if data_seed is not None else {}),
     }
     root = Path(root).expanduser()
-    out = root / f"smollm2-{spec_hash(spec)}"
-    zoo = Zoo.at(out, tasks, template=settings.template)
+    out = root / f"smollm2-{'' if suite == 'toy' else suite + '-'}{spec_hash(spec)}"
+    zoo = Zoo.at(out, tasks, template=settings.template, suite=suite)
     if (out / "zoo.json").is_file():
         return zoo
     out.mkdir(parents=True, exist_ok=True)
     if not zoo.base.exists():
         zoo.base.symlink_to(base.resolve(), target_is_directory=True)
-    pairs = {task: train_pairs(task, examples, seed) for task in tasks}
+    rows_seed = seed if data_seed is None else data_seed
+    pairs = {task: found.train_pairs(task, examples, rows_seed) for task in tasks}
     write_pairs(out / "data", pairs)
     tokenizer, losses = load_tokenizer(base), {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for task in tasks:
+        done = zoo.finetunes[task] / "finetune.json"
+        if done.is_file():  # finished before the build was killed
+            losses[task] = json.loads(done.read_text()).get("losses", [])
+            continue
         model = load_pretrained(base).to(device)
         rows = [Example(p["prompt"], p["response"]) for p in pairs[task]]
         losses[task] = train(model, tokenizer, rows, settings, show_progress, f"fine-tuning SmolLM2 {task}")
-        record = training_record(settings.template, settings=settings.model_dump())
+        record = training_record(settings.template, settings=settings.model_dump(), losses=losses[task])
         save_model(model.cpu(), tokenizer, zoo.finetunes[task], record)
         del model
     record = {"spec": spec, "template": settings.template, "tasks": zoo.tasks, "losses": losses}
-    (out / "zoo.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / "zoo.json", json.dumps(record, indent=2))
     return zoo
