@@ -31,7 +31,13 @@ from merge_harness.core.errors import ConfigError
 from merge_harness.reports import source
 from merge_harness.reports.frame import AVERAGE, ComparisonTable, TableOptions, comparison_table
 from merge_harness.reports.metrics import points_per_unit
-from merge_harness.reports.significance import RESAMPLES, PairedTest, paired_bootstrap, sample_scores
+from merge_harness.reports.significance import (
+    RESAMPLES,
+    PairedTest,
+    metric_values,
+    paired_bootstrap,
+    sample_scores,
+)
 from merge_harness.store.database import ResultStore
 
 REPLICATE = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)$")
@@ -142,14 +148,8 @@ def _samples(store: ResultStore, table: ComparisonTable, label: str) -> list[dic
 
 def corpus_items(samples: list[dict], task: str, metric: str) -> pd.Series:
     """doc_id -> the (reference, hypothesis) item a corpus metric aggregates; empty if none."""
-    name, _, filter_name = metric.partition(",")
-    items = {}
-    for sample in samples:
-        if sample.get("task") != task or (filter_name and sample.get("filter") != filter_name):
-            continue
-        value = (sample.get("metrics") or {}).get(name)
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            items[sample["doc_id"]] = tuple(value)
+    items = {doc_id: tuple(value) for doc_id, value in metric_values(samples, task, metric)
+             if isinstance(value, (list, tuple)) and len(value) == 2}
     return pd.Series(items, dtype=object)
 
 

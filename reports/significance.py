@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,20 +51,24 @@ def paired_bootstrap(merge: np.ndarray, baseline: np.ndarray, resamples: int = R
     return PairedTest(float(diffs.mean()), float(low), float(high), float(p_value), n)
 
 
+def metric_values(samples: Iterable[dict], task: str, metric: str) -> Iterator[tuple[object, object]]:
+    """(doc_id, the sample's value of `metric`) for `task`'s samples ("name,filter": that filter's)."""
+    name, _, filter_name = metric.partition(",")
+    for sample in samples:
+        if sample.get("task") == task and not (filter_name and sample.get("filter") != filter_name):
+            yield sample["doc_id"], (sample.get("metrics") or {}).get(name)
+
+
 def sample_scores(samples: Iterable[dict], task: str, metric: str) -> pd.Series:
     """Per-document values of `metric` ("exact_match,strict-match": metric and filter) on `task`,
     indexed by doc_id; empty when the metric is corpus-level or absent."""
-    name, _, filter_name = metric.partition(",")
     values = {}
-    for sample in samples:
-        if sample.get("task") != task or (filter_name and sample.get("filter") != filter_name):
-            continue
-        value = (sample.get("metrics") or {}).get(name)
+    for doc_id, value in metric_values(samples, task, metric):
         if isinstance(value, str):  # a JSON-encoded value, as some stores keep it
             value = json.loads(value)
         if not isinstance(value, (int, float)) or not math.isfinite(value):  # bools count as 0/1
             return pd.Series(dtype=float)
-        values[sample["doc_id"]] = float(value)
+        values[doc_id] = float(value)
     return pd.Series(values, dtype=float)
 
 

@@ -147,7 +147,8 @@ def test_seeds_make_one_experiment_per_seed_with_its_paths(tmp_path):
     assert all(e.seeds is None for e in experiments)
     for seed, experiment in enumerate(experiments):
         assert Path(experiment.base_model).resolve() == (tmp_path / f"zoo{seed}" / "base").resolve()
-        assert Path(experiment.finetunes["math"].model).resolve() == (tmp_path / f"zoo{seed}" / "ft").resolve()
+        model = Path(experiment.finetunes["math"].model)
+        assert model.resolve() == (tmp_path / f"zoo{seed}" / "ft").resolve()
         assert experiment.finetunes["math"].calibration.source.endswith(f"zoo{seed}/math.jsonl")
         held_out = Path(experiment.finetunes["math"].held_out)  # relative to the file, as the rest
         assert held_out.resolve() == (tmp_path / f"zoo{seed}" / "math_held_out.jsonl").resolve()

@@ -77,14 +77,21 @@ def slta_figure(coefficients: pd.DataFrame, best_lambda: float | None, title: st
         ax.plot(range(len(order)), values.to_numpy(float), marker="o", label=str(task))
     if best_lambda is not None:
         ax.axhline(best_lambda, color="black", linestyle="--", label=f"best global lambda {best_lambda:g}")
-    ax.set_xticks(range(len(order)), [s.removeprefix("layers.") for s in order], rotation=60, fontsize=7)
+    finish_coefficient_axes(ax, order, title)
+    fig.tight_layout()
+    return fig
+
+
+def finish_coefficient_axes(ax, order: list[str], title: str, max_ticks: int = 60) -> None:
+    """Submodule ticks (every k-th when there are many), labels, legend and grid of a plot of a_t."""
+    step = max(1, -(-len(order) // max_ticks))
+    labels = [str(s).removeprefix("layers.") for s in order][::step]
+    ax.set_xticks(range(0, len(order), step), labels, rotation=60, fontsize=7 if step == 1 else 6)
     ax.set_xlabel("submodule")
     ax.set_ylabel("coefficient a_t")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 def slta_report(

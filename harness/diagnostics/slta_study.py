@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from merge_harness.core.atomic import atomic_write_text
 from merge_harness.diagnostics.disentanglement import disentanglement_table, model_answer_logits, self_change
+from merge_harness.diagnostics.slta_report import finish_coefficient_axes
 from merge_harness.diagnostics.space import load_space
 from merge_harness.diagnostics.tables import markdown_table
 from merge_harness.io.models import load_tokenizer
@@ -184,14 +185,7 @@ def coefficients_figure(coefficients: pd.DataFrame, lambdas: Sequence[float], ti
     if lambdas:
         ax.axhline(float(np.mean(lambdas)), color="black", linestyle="--",
                    label=f"TA held-out lambda (mean {np.mean(lambdas):.2f})")
-    step = max(1, len(order) // 30)
-    ax.set_xticks(range(0, len(order), step), [str(s).removeprefix("layers.") for s in order][::step],
-                  rotation=70, fontsize=6)
-    ax.set_xlabel("submodule")
-    ax.set_ylabel("coefficient a_t")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(alpha=0.3)
+    finish_coefficient_axes(ax, order, title, max_ticks=30)
     fig.tight_layout()
     return fig
 

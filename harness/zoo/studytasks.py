@@ -58,16 +58,7 @@ def as_pair(task: str, row: dict) -> dict[str, str]:
 
 def unique_rows(task: str, rng: random.Random, count: int, exclude: set[str] = frozenset()) -> list[dict]:
     """`count` rows with distinct prompts, none in `exclude`."""
-    rows, seen = [], set(exclude)
-    for _ in range(count * 50):
-        row = GENERATORS[task](rng)
-        prompt = as_pair(task, row)["prompt"]
-        if prompt not in seen:
-            seen.add(prompt)
-            rows.append(row)
-            if len(rows) == count:
-                return rows
-    raise ValueError(f"study task {task}: could not draw {count} distinct rows")
+    return toytasks.unique_rows(task, rng, count, exclude, GENERATORS[task], as_pair)
 
 
 def fixture_rows(task: str) -> list[dict]:

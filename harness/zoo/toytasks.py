@@ -234,18 +234,22 @@ def as_pair(task: str, row: dict) -> dict[str, str]:
     raise ValueError(f"unknown toy task {task!r}; expected one of {', '.join(TASKS)}")
 
 
-def unique_rows(task: str, rng: random.Random, count: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """`count` rows whose prompts are all different and none of them in `exclude`."""
+def unique_rows(task: str, rng: random.Random, count: int, exclude: set[str] = frozenset(),
+                generate: Callable[[random.Random], dict] | None = None,
+                pair: Callable[[str, dict], dict[str, str]] | None = None) -> list[dict]:
+    """`count` rows whose prompts are all different and none of them in `exclude` (`generate`
+    and `pair`: another suite's row generator and rendering; default this suite's)."""
+    generate, pair = generate or GENERATORS[task], pair or as_pair
     rows, seen = [], set(exclude)
     for _ in range(count * 50):
-        row = GENERATORS[task](rng)
-        prompt = as_pair(task, row)["prompt"]
+        row = generate(rng)
+        prompt = pair(task, row)["prompt"]
         if prompt not in seen:
             seen.add(prompt)
             rows.append(row)
             if len(rows) == count:
                 return rows
-    raise ValueError(f"toy task {task}: could not draw {count} distinct rows")
+    raise ValueError(f"{task}: could not draw {count} distinct rows")
 
 
 def fixture_rows(task: str) -> list[dict]:
