@@ -63,7 +63,7 @@ def test_a_missing_module_of_our_own_is_a_bug_not_an_install_step():
 def test_an_internal_error_is_one_line_with_the_debug_hint(tmp_path):
     code = (
         "import sys, merge_harness.run.experiment as e\n"
-        "e.load_experiment = lambda path: {}['missing']\n"
+        "e.load_experiments = lambda path: {}['missing']\n"
         f"sys.argv = ['merge-harness', 'run', {str(tmp_path / 'e.yaml')!r}]\n"
         "from merge_harness.cli.app import app; app()"
     )
