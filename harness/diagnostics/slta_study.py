@@ -51,7 +51,6 @@ from merge_harness.selection.answers import DataSettings, answer_batch
 from merge_harness.store.database import ResultStore
 
 BASELINE = "TA (held-out lambda)"
-CORPUS_SCORES: dict[str, Callable[[list], float]] = {}  # filled lazily (sacrebleu via the task utils)
 DISENTANGLEMENT_ALPHAS = (0.0, 0.5, 1.0)
 DISENTANGLEMENT_ROWS = 32  # held-out rows per task
 RESIDUAL_ROWS = 64  # held-out rows per task
@@ -59,11 +58,9 @@ RESIDUAL_ROWS = 64  # held-out rows per task
 
 def corpus_scores() -> dict[str, Callable[[list], float]]:
     """The corpus metrics' own aggregations (sacreBLEU), as the task YAMLs use them."""
-    if not CORPUS_SCORES:
-        from merge_harness.tasks.wmt22_zh_en.utils import corpus_bleu, corpus_chrf
+    from merge_harness.tasks.wmt22_zh_en.utils import corpus_bleu, corpus_chrf
 
-        CORPUS_SCORES.update(bleu=corpus_bleu, chrf=corpus_chrf)
-    return CORPUS_SCORES
+    return {"bleu": corpus_bleu, "chrf": corpus_chrf}
 
 
 # ------------------------------------------------------------------------------- the tables
@@ -334,6 +331,8 @@ def residual_frame(store: ResultStore, replicates: Replicates,
     lambdas = chosen_parameter(replicates, BASELINE, "lambda")
     oracle = next((r for r in replicates.scores()["row"].unique() if "oracle" in r.lower()), None)
     oracle_lambdas = chosen_parameter(replicates, oracle, "lambda") if oracle else {}
+    solved = {row: (row_granularity(replicates, row), coefficients_over_seeds(store, replicates, row))
+              for row in slta_rows(replicates)}  # every seed's, read once
     for seed in replicates.seeds:
         finetunes = replicates.configs[seed]["finetunes"]
         tasks = list(finetunes)
@@ -345,11 +344,9 @@ def residual_frame(store: ResultStore, replicates: Replicates,
                 sets[f"{BASELINE} = {lambdas[seed]:g}"] = uniform(lambdas[seed], len(tasks))
             if seed in oracle_lambdas:
                 sets[f"{oracle} = {oracle_lambdas[seed]:g}"] = uniform(oracle_lambdas[seed], len(tasks))
-            for row in slta_rows(replicates):
-                own = row_granularity(replicates, row)
-                if (own == "attn_mlp") != (granularity == "attn_mlp"):
+            for row, (own, coefficients) in solved.items():
+                if (own == "attn_mlp") != (granularity == "attn_mlp") or coefficients.empty:
                     continue
-                coefficients = coefficients_over_seeds(store, replicates, row)
                 mine = coefficients[coefficients["seed"] == seed]
                 if not mine.empty:
                     sets[row] = stored_coefficients(mine, [_coefficient_task(mine, t) for t in tasks])
