@@ -15,7 +15,7 @@ import torch
 from torch.func import functional_call
 
 from merge_harness.core.errors import ConfigError
-from merge_harness.diagnostics.disentanglement import disentanglement_grid, disentanglement_report
+from merge_harness.diagnostics.disentanglement import disentanglement_grid, disentanglement_report, distance
 from merge_harness.diagnostics.linearity import (
     LinearityAccumulator,
     linearity_report,
@@ -178,6 +178,26 @@ def test_interfering_task_vectors_are_not(kind):
     assert grid.loc[(grid.a1 == 0) & (grid.a2 == 0), "xi"].item() == 0
     assert grid.loc[(grid.a1 == 1) & (grid.a2 == 1), "xi"].item() > 0.05
     assert (grid["xi"] >= 0).all()
+
+
+def test_the_grid_reuses_single_task_logits_on_its_edges_and_matches_the_definition():
+    """Where the other task's a = 0 the merged model is the single-task one: no forward pass for
+    it; every xi still equals the definition evaluated directly."""
+    space, inputs = two_head_space("shared_trunk")
+    direct = two_head_logits(space, inputs)
+    calls = []
+
+    def counted(coefficients, task):
+        calls.append((dict(coefficients), task))
+        return direct(coefficients, task)
+
+    alphas = (0.0, 0.5, 1.0)
+    grid = disentanglement_grid(counted, ("one", "two"), alphas, "kl")
+    assert len(calls) == 2 * len(alphas) + 2 * (len(alphas) ** 2 - len(alphas))
+    for row in grid.itertuples():
+        both = {"one": row.a1, "two": row.a2}
+        expected = sum(distance(direct({t: both[t]}, t), direct(both, t), "kl") for t in both)
+        assert row.xi == pytest.approx(expected, abs=1e-12)
 
 
 def test_disentanglement_report_compares_variants(zoo, tmp_path):
