@@ -64,10 +64,18 @@ class Replicates:
     name: str
     tables: dict[int, ComparisonTable]  # seed -> table
     configs: dict[int, dict]  # seed -> the replicate's experiment config, as stored
+    results: dict[int, pd.DataFrame]  # seed -> the replicate's `results_frame`, read once
 
     @property
     def seeds(self) -> list[int]:
         return list(self.tables)
+
+    def labels(self, seed: int) -> dict[str, str]:
+        """Row name across seeds -> its label in `seed`'s table (they differ for oracle rows)."""
+        return {self.row_id(seed, label): label for label in self.tables[seed].blocks[0].values.index}
+
+    def label_of(self, seed: int, row: str) -> str | None:
+        return self.labels(seed).get(row)
 
     def row_id(self, seed: int, label: str) -> str:
         """The row's name across seeds (an oracle row: its grid's label)."""
@@ -100,7 +108,8 @@ def load_replicates(store: ResultStore, name: str,
     names = replicate_names(store, name)
     tables = {seed: comparison_table(store, experiment, options) for seed, experiment in names.items()}
     configs = {seed: source.experiment_config(store, experiment) for seed, experiment in names.items()}
-    return Replicates(name, tables, configs)
+    results = {seed: store.results_frame(experiment) for seed, experiment in names.items()}
+    return Replicates(name, tables, configs, results)
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
@@ -141,8 +150,8 @@ def _column_task(table: ComparisonTable, column: str) -> tuple[str, str]:
     return found.task, found.metric
 
 
-def _samples(store: ResultStore, table: ComparisonTable, label: str) -> list[dict]:
-    results = store.results_frame(table.experiment)
+def _samples(store: ResultStore, replicates: Replicates, seed: int, label: str) -> list[dict]:
+    results = replicates.results[seed]
     return source.samples_by_label(store, results[results["label"] == label]).get(label, [])
 
 
@@ -188,11 +197,11 @@ def pooled_paired_test(store: ResultStore, replicates: Replicates, row: str, bas
     per_doc, corpus = [], []
     task = metric = ""
     for seed, table in replicates.tables.items():
-        labels = {replicates.row_id(seed, label): label for label in table.blocks[0].values.index}
+        labels = replicates.labels(seed)
         if row not in labels or baseline not in labels:
             return None
         task, metric = _column_task(table, column)
-        merge_samples, base_samples = (_samples(store, table, labels[r]) for r in (row, baseline))
+        merge_samples, base_samples = (_samples(store, replicates, seed, labels[r]) for r in (row, baseline))
         merge, base = sample_scores(merge_samples, task, metric), sample_scores(base_samples, task, metric)
         if not merge.empty and not base.empty:
             shared = merge.index.intersection(base.index)

@@ -157,12 +157,12 @@ def scores_figure(scores: pd.DataFrame, rows: Sequence[str]) -> Figure:
 def coefficients_over_seeds(store: ResultStore, replicates: Replicates, row: str) -> pd.DataFrame:
     """seed, submodule, task, value of one SLTA row's solved coefficients in every seed."""
     frames = []
-    for seed, table in replicates.tables.items():
-        labels = [label for label in table.blocks[0].values.index if replicates.row_id(seed, label) == row]
-        if not labels:
+    for seed in replicates.seeds:
+        label = replicates.label_of(seed, row)
+        if label is None:
             continue
-        results = store.results_frame(table.experiment)
-        key = results.loc[results["label"] == labels[0], "key"].iloc[0]
+        results = replicates.results[seed]
+        key = results.loc[results["label"] == label, "key"].iloc[0]
         frames.append(store.coefficients_frame(key).assign(seed=seed))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -191,11 +191,9 @@ def chosen_parameter(replicates: Replicates, row: str, parameter: str) -> dict[i
     """seed -> the value of `parameter` that `row` used (its search's choice or its grid point)."""
     found = {}
     for seed, table in replicates.tables.items():
-        for label in table.blocks[0].values.index:
-            if replicates.row_id(seed, label) == row:
-                params = table.rows.at[label, "params"]
-                if parameter in params:
-                    found[seed] = float(params[parameter])
+        label = replicates.label_of(seed, row)
+        if label is not None and parameter in (params := table.rows.at[label, "params"]):
+            found[seed] = float(params[parameter])
     return found
 
 
@@ -316,11 +314,10 @@ def write_text(path: Path, text: str) -> Path:
 
 def row_granularity(replicates: Replicates, row: str) -> str | None:
     seed = replicates.seeds[0]
-    table = replicates.tables[seed]
-    for label in table.blocks[0].values.index:
-        if replicates.row_id(seed, label) == row:
-            return table.rows.at[label, "params"].get("granularity", "attn_mlp")
-    return None
+    label = replicates.label_of(seed, row)
+    if label is None:
+        return None
+    return replicates.tables[seed].rows.at[label, "params"].get("granularity", "attn_mlp")
 
 
 def residual_frame(store: ResultStore, replicates: Replicates,
