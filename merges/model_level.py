@@ -126,7 +126,11 @@ _REUSE: ContextVar[dict | None] = ContextVar("statistics_reuse", default=None)
 def statistics_reuse() -> Iterator[None]:
     """Inside the block, a method's statistics computed once per (inputs, key) are reused
     (`reused`): e.g. a held-out search over SLTA's `scale` runs the calibration forward passes
-    once, not once per grid value. Outside any block nothing is kept."""
+    once, not once per grid value. Outside any block nothing is kept; a block inside another
+    shares the outer one's statistics (a job's search and its final merge)."""
+    if _REUSE.get() is not None:
+        yield
+        return
     token = _REUSE.set({})
     try:
         yield

@@ -109,6 +109,35 @@ def test_a_search_reuses_the_calibration_statistics_and_nothing_outside_it(zoo):
     assert coefficients(outside) == pytest.approx(coefficients(first))
 
 
+def test_a_scale_search_job_calibrates_once_for_its_search_and_its_final_merge(zoo, monkeypatch):
+    """The job's grid merges and the merge at the chosen c share one set of normal equations."""
+    from merge_harness.merges import slta
+    from merge_harness.run.experiment import Experiment, plan_jobs
+    from merge_harness.run.worker import run_model_job
+
+    collected = []
+    original = slta.collect_equations
+    monkeypatch.setattr(slta, "collect_equations", lambda *a: collected.append(1) or original(*a))
+    tasks = ("math", "qa", "translate")
+    experiment = Experiment.model_validate({
+        "name": "scale", "base_model": str(zoo["base"]), "tasks": ["study_math"], "baselines": False,
+        "finetunes": {t: {"model": str(zoo[t]), "held_out": str(zoo[f"{t}.jsonl"]),
+                          "calibration": {"source": str(zoo[f"{t}.jsonl"]), "template": "plain",
+                                          "num_samples": 6}} for t in tasks},
+        "methods": [{"method": "slta", "parameters": {"granularity": "layer"},
+                     "search": {"parameter": "scale", "grid": [0.5, 1.0, 2.0], "num_samples": 4,
+                                "max_length": 32}}],
+    })
+    [job] = plan_jobs(experiment, identify=False)
+    run_model_job(job, [], experiment.name, lambda result: None)
+    assert collected == [1]
+    with statistics_reuse():  # and a block inside another shares the outer one's statistics
+        with statistics_reuse():
+            merge_calibrated(merge_config(zoo, granularity="layer", num_samples=6))
+        again = merge_calibrated(merge_config(zoo, granularity="layer", num_samples=6))
+    assert again.forward_passes == {}
+
+
 # ------------------------------------------------------------------- replicated experiments
 
 

@@ -132,11 +132,13 @@ def run_model_job(
     `models`: the run's model to merge into (jobs run one after another); None builds a fresh one.
     """
     from merge_harness.evaluate.evaluator import evaluate
+    from merge_harness.merges.model_level import statistics_reuse
 
     reset_peak_rss()  # the recorded peak is this job's: building the model and evaluating it
     start = time.perf_counter()
-    merge, selected = searched_merge(job)
-    model, tokenizer, outcome = load_job_model(job, merge, models)
+    with statistics_reuse():  # a search's calibration statistics serve its final merge too
+        merge, selected = searched_merge(job)
+        model, tokenizer, outcome = load_job_model(job, merge, models)
     build_seconds = time.perf_counter() - start
     coefficients = outcome.coefficients if outcome else []
     for task in pending:
