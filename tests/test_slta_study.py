@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -136,6 +137,24 @@ def test_a_scale_search_job_calibrates_once_for_its_search_and_its_final_merge(z
             merge_calibrated(merge_config(zoo, granularity="layer", num_samples=6))
         again = merge_calibrated(merge_config(zoo, granularity="layer", num_samples=6))
     assert again.forward_passes == {}
+
+
+def test_the_disentanglement_gap_is_paired_by_seed_not_by_cell():
+    """Per seed the mean gap over pairs, then the t interval over the seeds (n = 3, t = 4.30)."""
+    from merge_harness.diagnostics.slta_study import disentanglement_text
+
+    records = []
+    gaps = {0: (0.02, 0.01), 1: (0.025, 0.015), 2: (0.015, 0.005)}  # seed -> gap of pair a, pair b
+    for seed, (gap_a, gap_b) in gaps.items():
+        for pair, gap in (("a+b", gap_a), ("a+c", gap_b)):
+            records += [{"variant": "attn_only", "seed": seed, "pair": pair, "xi": 0.05, "relative": 0.1},
+                        {"variant": "full", "seed": seed, "pair": pair, "xi": 0.05 + gap, "relative": 0.1}]
+    text = disentanglement_text(pd.DataFrame(records), (0.0, 1.0))
+    per_seed = [0.015, 0.02, 0.01]  # the mean over the two pairs
+    half = 4.302653 * np.std(per_seed, ddof=1) / np.sqrt(3)
+    assert f"paired over the 3 seeds: +0.0150 ± {half:.4f} (95% t interval) — excludes 0" in text
+    assert "| a+b | 0.0700 ± 0.0124 | 0.0500 ± 0.0000 | +0.0200 ± 0.0124 |" in text
+    assert "paired over the 3 seeds: +0.0000 ± 0.0000 (95% t interval) — includes 0" in text  # relative
 
 
 # ------------------------------------------------------------------- replicated experiments
@@ -303,6 +322,9 @@ def test_the_committed_study_plans_runs_and_renders_on_the_ci_zoo(reduced_study)
     assert "±" in table
     paired = (root / "report" / "paired.md").read_text()
     assert "| SLTA (attn/MLP) |" in paired and "p = " in paired
+    assert paired.count("### minus ") == 2 and "### minus TA (held-out lambda, exact match)" in paired
     residuals = (root / "report" / "residuals.md").read_text()
     assert "layer: TA (held-out lambda)" in residuals and "attn_mlp: SLTA (attn/MLP)" in residuals
-    assert "full - attn_only, paired over" in (root / "report" / "disentanglement.md").read_text()
+    assert "attn_mlp: TA (held-out lambda, exact match)" in residuals
+    assert "full - attn_only, the mean over pairs paired over the 2 seeds" in (
+        root / "report" / "disentanglement.md").read_text()

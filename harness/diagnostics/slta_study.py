@@ -5,16 +5,17 @@ its store and the study zoo it ran on, and writes under `out`:
 
 - `table.md` / `table.csv`: every row's score per task, mean over seeds +- the 95% t interval
   (`merge_harness.reports.replicates`), what each seed chose (lambda, c), the per-seed points;
-- `paired.md`: each SLTA row against task arithmetic at its held-out lambda, per task, pooled
-  over the seeds (paired bootstrap; Koehn's for BLEU);
+- `paired.md`: each SLTA row against task arithmetic at its held-out lambda (a section per
+  searched TA row, i.e. per selection metric), per task, pooled over the seeds (paired
+  bootstrap; Koehn's for BLEU);
 - `scores.png/.svg`: the scores with their intervals and every seed's point;
 - `coefficients_<row>.png/.svg`: SLTA's a_t per submodule per task, mean over seeds with the
   seeds' range, next to the held-out lambda;
 - `residuals.md`: SPEC section 4's objective on held-out train rows, sum_t sum_x ||sum_k a_k
   D_k(x) - D_t(x)||^2 over the submodules, relative to sum ||D_t||^2 (1 = the pre-trained model,
-  a = 0), for SLTA's solved coefficients and for the selected lambda;
+  a = 0), for SLTA's solved coefficients and for every selected (and the oracle) lambda;
 - `disentanglement.md` / `.csv`: seed 002's weight-disentanglement error xi of full against
-  attention-only fine-tunes, per seed and task pair, with the paired interval of the difference.
+  attention-only fine-tunes per task pair over the seeds, and their difference paired by seed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from merge_harness.store.database import ResultStore
 BASELINE = "TA (held-out lambda)"
 DISENTANGLEMENT_ALPHAS = (0.0, 0.5, 1.0)
 DISENTANGLEMENT_ROWS = 32  # held-out rows per task
+GAP = "full - attn_only"
 RESIDUAL_ROWS = 64  # held-out rows per task
 
 
@@ -66,12 +68,22 @@ def corpus_scores() -> dict[str, Callable[[list], float]]:
 # ------------------------------------------------------------------------------- the tables
 
 
-def slta_rows(replicates: Replicates) -> list[str]:
-    """The rows whose method is SLTA (in table order), as named across seeds."""
+def method_rows(replicates: Replicates, method: str, chosen: str | None = None) -> list[str]:
+    """The rows of `method` (in table order; `chosen`: only those whose parameters were chosen
+    so, e.g. "held-out"), as named across seeds."""
     seed = replicates.seeds[0]
-    table = replicates.tables[seed]
-    return [replicates.row_id(seed, label) for label in table.blocks[0].values.index
-            if table.rows.at[label, "method"] == "slta"]
+    rows = replicates.tables[seed].rows
+    return [replicates.row_id(seed, label) for label in replicates.tables[seed].blocks[0].values.index
+            if rows.at[label, "method"] == method and chosen in (None, rows.at[label, "chosen"])]
+
+
+def slta_rows(replicates: Replicates) -> list[str]:
+    return method_rows(replicates, "slta")
+
+
+def baseline_rows(replicates: Replicates) -> list[str]:
+    """The fair baselines: task arithmetic with lambda chosen on held-out rows (each metric)."""
+    return method_rows(replicates, "task_arithmetic", "held-out")
 
 
 def chosen_values(replicates: Replicates) -> dict[str, str]:
@@ -282,26 +294,37 @@ def disentanglement_over_seeds(
 
 
 def disentanglement_text(frame: pd.DataFrame, alphas: Sequence[float]) -> str:
-    """Mean over seeds ± interval per pair and variant, and the paired full - attn_only gap."""
+    """Mean over seeds ± interval per pair and variant, and the full - attn_only gap paired by
+    seed: the seeds are the independent replicates (the pairs share tasks, so they are not)."""
     lines = [f"Weight-disentanglement error xi (seed 002; dist = prediction error), mean over "
              f"a1, a2 in {{{', '.join(f'{a:g}' for a in alphas)}}} on held-out train rows; per "
-             "variant the mean over seeds ± the 95% t interval. Relative = xi / (2 x the pair's "
-             "mean self-change): interference per unit of what the task vectors do alone.\n"]
+             "variant the mean over seeds ± the 95% t interval; full - attn_only paired by seed. "
+             "Relative = xi / (2 x the pair's mean self-change): interference per unit of what "
+             "the task vectors do alone.\n"]
     for value in ("xi", "relative"):
-        table = {}
-        for (variant, pair), group in frame.groupby(["variant", "pair"], sort=False):
-            mean, half = t_interval(group[value].tolist())
-            table.setdefault(pair, {})[variant] = f"{mean:.4f} ± {half:.4f}"
+        wide = frame.pivot_table(index=["pair", "seed"], columns="variant", values=value, sort=False)
+        wide = wide[sorted(wide.columns, key=lambda v: (v != "full", v != "attn_only", v))]
+        paired = {"full", "attn_only"} <= set(wide.columns)
+        if paired:
+            wide[GAP] = wide["full"] - wide["attn_only"]
+        table = {
+            pair: {c: _interval_text(group[c].dropna().tolist(), signed=c == GAP) for c in wide}
+            for pair, group in wide.groupby(level="pair", sort=False)
+        }
         shown = pd.DataFrame.from_dict(table, orient="index")
         lines.append(f"\n### {value}\n\n" + markdown_table(shown, "pair"))
-        wide = frame.pivot_table(index=["seed", "pair"], columns="variant", values=value)
-        if {"full", "attn_only"} <= set(wide.columns):
-            gaps = (wide["full"] - wide["attn_only"]).dropna()
-            mean, half = t_interval(gaps.tolist())
-            lines.append(f"\nfull - attn_only, paired over {len(gaps)} (seed, pair) cells: "
-                         f"{mean:+.4f} ± {half:.4f} (95% t interval)"
-                         + (" — excludes 0" if abs(mean) > half else " — includes 0") + "\n")
+        if paired:
+            per_seed = wide[GAP].groupby(level="seed").mean().dropna()
+            mean, half = t_interval(per_seed.tolist())
+            verdict = "includes 0" if math.isnan(half) or abs(mean) <= half else "excludes 0"
+            lines.append(f"\nfull - attn_only, the mean over pairs paired over the {len(per_seed)} seeds: "
+                         f"{mean:+.4f} ± {half:.4f} (95% t interval) — {verdict}\n")
     return "".join(lines)
+
+
+def _interval_text(values: Sequence[float], signed: bool) -> str:
+    mean, half = t_interval(values)
+    return f"{mean:+.4f} ± {half:.4f}" if signed else f"{mean:.4f} ± {half:.4f}"
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -323,11 +346,12 @@ def row_granularity(replicates: Replicates, row: str) -> str | None:
 def residual_frame(store: ResultStore, replicates: Replicates,
                    num_samples: int = RESIDUAL_ROWS) -> pd.DataFrame:
     """seed, granularity, coefficients (row), relative residual on held-out rows: SLTA's rows at
-    their own granularity, task arithmetic's held-out (and oracle) lambda at both."""
+    their own granularity, task arithmetic's held-out lambdas (each selection metric) and its
+    oracle lambda at both."""
     records = []
-    lambdas = chosen_parameter(replicates, BASELINE, "lambda")
     oracle = next((r for r in replicates.scores()["row"].unique() if "oracle" in r.lower()), None)
-    oracle_lambdas = chosen_parameter(replicates, oracle, "lambda") if oracle else {}
+    uniform_rows = [*baseline_rows(replicates), *([oracle] if oracle else [])]
+    lambdas = {row: chosen_parameter(replicates, row, "lambda") for row in uniform_rows}
     solved = {row: (row_granularity(replicates, row), coefficients_over_seeds(store, replicates, row))
               for row in slta_rows(replicates)}  # every seed's, read once
     for seed in replicates.seeds:
@@ -337,10 +361,9 @@ def residual_frame(store: ResultStore, replicates: Replicates,
         held_out = {task: ft["held_out"] for task, ft in finetunes.items()}
         for granularity in ("layer", "attn_mlp"):
             sets: dict[str, Callable[[str], torch.Tensor]] = {}
-            if seed in lambdas:
-                sets[f"{BASELINE} = {lambdas[seed]:g}"] = uniform(lambdas[seed], len(tasks))
-            if seed in oracle_lambdas:
-                sets[f"{oracle} = {oracle_lambdas[seed]:g}"] = uniform(oracle_lambdas[seed], len(tasks))
+            for row, chosen in lambdas.items():
+                if seed in chosen:
+                    sets[f"{row} = {chosen[seed]:g}"] = uniform(chosen[seed], len(tasks))
             for row, (own, coefficients) in solved.items():
                 if (own == "attn_mlp") != (granularity == "attn_mlp") or coefficients.empty:
                     continue
@@ -388,13 +411,14 @@ def write_study_report(store: ResultStore, name: str, zoo_dir: Path | None, out:
     files = [write_text(out / "table.md", text)]
     per_seed.to_csv(out / "table.csv")
     files.append(out / "table.csv")
-    paired = paired_table(store, replicates)
+    sections = [f"\n### minus {row}\n\n" + markdown_table(paired_table(store, replicates, row), "row")
+                for row in baseline_rows(replicates)]
     files.append(write_text(out / "paired.md", (
-        f"Each SLTA row minus {BASELINE}, per task, pooled over seeds {replicates.seeds}: the mean "
-        "difference in points [its 95% bootstrap interval], two-sided p; * = p < 0.05. Exact match "
-        "and pass@1: paired bootstrap over every seed's test documents; BLEU: Koehn's paired "
-        "bootstrap resampling (corpus BLEU recomputed per resample, averaged over seeds).\n\n"
-        + markdown_table(paired, "row"))))
+        "Each SLTA row minus task arithmetic at its held-out lambda (one section per selection "
+        f"metric), per task, pooled over seeds {replicates.seeds}: the mean difference in points "
+        "[its 95% bootstrap interval], two-sided p; * = p < 0.05. Exact match and pass@1: paired "
+        "bootstrap over every seed's test documents; BLEU: Koehn's paired bootstrap resampling "
+        "(corpus BLEU recomputed per resample, averaged over seeds).\n" + "".join(sections))))
     scores = replicates.scores()
     files += save(scores_figure(scores, compared_rows(replicates, scores)), out / "scores")[0]
     lambdas = list(chosen_parameter(replicates, BASELINE, "lambda").values())
