@@ -349,8 +349,7 @@ def residual_frame(store: ResultStore, replicates: Replicates,
     their own granularity, task arithmetic's held-out lambdas (each selection metric) and its
     oracle lambda at both."""
     records = []
-    oracle = next((r for r in replicates.scores()["row"].unique() if "oracle" in r.lower()), None)
-    uniform_rows = [*baseline_rows(replicates), *([oracle] if oracle else [])]
+    uniform_rows = [*baseline_rows(replicates), *method_rows(replicates, "task_arithmetic", "oracle")]
     lambdas = {row: chosen_parameter(replicates, row, "lambda") for row in uniform_rows}
     solved = {row: (row_granularity(replicates, row), coefficients_over_seeds(store, replicates, row))
               for row in slta_rows(replicates)}  # every seed's, read once
